@@ -1,0 +1,82 @@
+"""Configuration of Me-LoRA adapters, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+KL_KINDS = ("full_weight", "elementwise")
+
+
+@dataclass(frozen=True)
+class MeLoRAConfig:
+    """Hyper-parameters of the adapters ``W0 x + s * B C A x`` with ``s = alpha / rank``.
+
+    Args:
+        rank: r, the inner dimension of A (r x n), C (r x r) and B (m x r).
+        alpha: LoRA scaling numerator; the adapter output is scaled by ``alpha / rank``.
+        target_modules: names of the ``nn.Linear`` modules to adapt, matched against the last
+            component of the module path (``"q_proj"``) or the whole path (``"lm_head"``).
+        prior_std: sigma_p, the standard deviation of the prior (on C for the elementwise KL, on
+            the weight update dW for the full-weight KL).
+        prior_noise: upper bound of the uniform noise added to the prior std at every model call
+            (the randomised prior of the Me-LoRA paper); 0 turns it off.
+        kl: ``"full_weight"`` (KL between the weight-space distributions, depends on A and B) or
+            ``"elementwise"`` (KL between q(C) and an isotropic prior on C).
+        dropout: dropout probability on the adapter input (training mode only).
+        init_b_std: standard deviation of B's Gaussian initialisation; it must be non-zero
+            (B = 0 makes the full-weight KL infinite and, with M = I, every gradient vanish).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    prior_std: float = 0.2
+    prior_noise: float = 0.0
+    kl: str = "full_weight"
+    dropout: float = 0.0
+    init_b_std: float = 1e-3
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", (self.target_modules,))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        checks = [
+            ("rank", isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
+             "a positive integer"),
+            ("alpha", _is_number(self.alpha) and self.alpha > 0, "a positive number"),
+            ("target_modules", len(self.target_modules) > 0
+             and all(isinstance(t, str) and t for t in self.target_modules),
+             "a non-empty sequence of module names"),
+            ("prior_std", _is_number(self.prior_std) and self.prior_std > 0, "a positive number"),
+            ("prior_noise", _is_number(self.prior_noise) and self.prior_noise >= 0,
+             "a number >= 0"),
+            ("kl", self.kl in KL_KINDS, f"one of {KL_KINDS}"),
+            ("dropout", _is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
+            ("init_b_std", _is_number(self.init_b_std) and self.init_b_std > 0, "a positive number"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"MeLoRAConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / rank."""
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MeLoRAConfig":
+        """Build from a dict (a JSON or TOML table); unknown keys raise ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"MeLoRAConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")

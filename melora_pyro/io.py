@@ -1,0 +1,127 @@
+"""Saving, loading and exporting adapters: safetensors + JSON only, never pickle."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+
+from ._atomic import atomic_write_bytes, atomic_write_text
+from .config import MeLoRAConfig
+from .layers import MeLoRALinear
+from .model import MeLoRAModel, _unbind_all
+
+TENSORS_FILE = "adapters.safetensors"
+META_FILE = "melora.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """An adapter checkpoint that is missing, malformed or does not fit the base model."""
+
+
+def save_adapters(directory, model: MeLoRAModel, guide: nn.Module | None = None) -> Path:
+    """Write ``adapters.safetensors`` (A, B and the guide's tensors) and ``melora.json``.
+
+    The tensors file is written first and the JSON last, each atomically, so a directory with a
+    ``melora.json`` always holds a complete checkpoint.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.adapter_state_dict().items()}
+    if guide is not None:
+        tensors.update({f"guide.{k}": v.detach().contiguous().cpu() for k, v in guide.state_dict().items()})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "label_token_ids": model.label_token_ids,
+        "layer_names": model.layer_names,
+        "guide": type(guide).__name__ if guide is not None else None,
+    }
+    atomic_write_bytes(directory / TENSORS_FILE, save(tensors))
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
+    return directory
+
+
+def load_adapters(directory, base_model: nn.Module, guide_cls=None):
+    """Rebuild ``(model, guide)`` on a fresh ``base_model`` from :func:`save_adapters` output.
+
+    ``guide_cls`` defaults to the class named in the checkpoint (looked up in the ``guides``
+    package). Raises :class:`CheckpointError` if the files are missing or malformed, or if the
+    layer names or tensor shapes do not match the base model.
+    """
+    import guides
+
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    try:
+        config = MeLoRAConfig.from_dict(meta["config"])
+        model = MeLoRAModel(base_model, config, meta["label_token_ids"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / META_FILE}: checkpoint does not fit the base model: {e}") from e
+    if model.layer_names != meta["layer_names"]:
+        raise CheckpointError(f"{directory}: adapted layers differ: checkpoint has {meta['layer_names'][:3]}..., "
+                              f"base model gives {model.layer_names[:3]}...")
+    guide = None
+    if guide_cls is None and meta.get("guide"):
+        guide_cls = getattr(guides, meta["guide"], None)
+        if guide_cls is None:
+            raise CheckpointError(f"{directory / META_FILE}: unknown guide class {meta['guide']!r}")
+    if guide_cls is not None:
+        guide = guide_cls(model)
+    tensors = load_file(directory / TENSORS_FILE)
+    _load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, directory, "model")
+    if guide is not None:
+        _load_into(guide, {k[6:]: v for k, v in tensors.items() if k.startswith("guide.")}, directory, "guide")
+    return model, guide
+
+
+def _read_meta(directory: Path) -> dict:
+    if not (directory / META_FILE).is_file() or not (directory / TENSORS_FILE).is_file():
+        raise CheckpointError(f"{directory}: not an adapter checkpoint (needs {META_FILE} and {TENSORS_FILE})")
+    try:
+        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory / META_FILE}: not valid JSON: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{directory / META_FILE}: unsupported format (expected format_version {FORMAT_VERSION})")
+    return meta
+
+
+def _load_into(module: nn.Module, tensors: dict, directory: Path, what: str) -> None:
+    own = module.adapter_state_dict() if isinstance(module, MeLoRAModel) else module.state_dict()
+    if set(own) != set(tensors):
+        raise CheckpointError(f"{directory / TENSORS_FILE}: {what} tensors {sorted(tensors)} do not match "
+                              f"the expected {sorted(own)}")
+    for key, value in tensors.items():
+        if own[key].shape != value.shape:
+            raise CheckpointError(f"{directory / TENSORS_FILE}: {what} tensor {key} has shape "
+                                  f"{tuple(value.shape)}, the base model needs {tuple(own[key].shape)}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value)
+
+
+@torch.no_grad()
+def merge_adapters(model: MeLoRAModel, guide: nn.Module) -> nn.Module:
+    """Fold ``W0 + s B M A`` (M = the guide's posterior mean of C) into plain ``nn.Linear`` layers.
+
+    Returns the base transformers model, ready for ``save_pretrained`` or generation. It works in
+    place: ``model`` is unusable afterwards. An adapted ``lm_head`` tied to the input embedding is
+    untied first so the embedding keeps its original weights.
+    """
+    C = guide.posterior_mean()["C"]
+    base = model.base
+    for path, layer, a, b, c in zip(model.layer_names, model._layers, _unbind_all(model.lora_A),
+                                    _unbind_all(model.lora_B), C.unbind(0)):
+        linear = layer.base
+        delta = layer.scaling * (b @ c @ a)
+        if linear.weight is base.get_input_embeddings().weight:
+            linear.weight = nn.Parameter(linear.weight.detach().clone())
+            base.config.tie_word_embeddings = False
+        linear.weight.add_(delta.to(linear.weight.dtype))
+        parent_name, _, child = path.rpartition(".")
+        setattr(base.get_submodule(parent_name) if parent_name else base, child, linear)
+    return base

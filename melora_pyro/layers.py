@@ -1,0 +1,66 @@
+"""The adapted linear layer and its injection into a transformers model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MeLoRALinear(nn.Module):
+    """``y = W0 x + s * (B C) A x`` around a frozen ``nn.Linear`` (W0: m x n).
+
+    The adapter tensors are not owned here: the model binds, before each forward, this layer's
+    ``A (r, n)`` and ``BC = B @ C (m, r)`` slices of its stacked parameters and sampled C, so all
+    layers share one Pyro sample site. ``dropout`` acts on the adapter input, as in peft.
+    """
+
+    def __init__(self, base: nn.Linear, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.bound: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bound is None:
+            raise RuntimeError("MeLoRALinear called outside MeLoRAModel.forward: no adapter bound "
+                               "(call the MeLoRAModel, or export with melora_pyro.merge_adapters)")
+        A, BC = self.bound
+        update = (self.dropout(x).to(A.dtype) @ A.mT) @ BC.mT
+        return self.base(x) + (self.scaling * update).to(x.dtype)
+
+
+def inject_adapters(model: nn.Module, target_modules, rank: int, scaling: float, dropout: float
+                    ) -> dict[str, MeLoRALinear]:
+    """Replace every ``nn.Linear`` whose name matches ``target_modules`` by a ``MeLoRALinear``.
+
+    A target matches the last component of a module path (``"q_proj"``) or a whole path
+    (``"lm_head"``, ``"model.layers.0.self_attn.q_proj"``). Returns ``{path: layer}`` in module order.
+    Raises ``ValueError`` for a target that matches no ``nn.Linear`` or a rank above min(n, m).
+    """
+    targets = set(target_modules)
+    found = {name: module for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and (name in targets or name.rsplit(".", 1)[-1] in targets)}
+    matched = {t for t in targets for name in found if name == t or name.rsplit(".", 1)[-1] == t}
+    missing = sorted(targets - matched)
+    if missing:
+        linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
+                         f"its linear modules are named {linear_names}")
+    adapted = {}
+    for name, linear in found.items():
+        if rank > min(linear.in_features, linear.out_features):
+            raise ValueError(f"rank {rank} exceeds min(n, m) = {min(linear.in_features, linear.out_features)} "
+                             f"of {name} ({linear.out_features} x {linear.in_features})")
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        adapted[name] = MeLoRALinear(linear, scaling, dropout)
+        setattr(parent, child, adapted[name])
+    return adapted

@@ -1,0 +1,157 @@
+"""``MeLoRAModel``: a transformers causal LM with Me-LoRA adapters, as a Pyro model."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from ._params import pyro_param
+from .config import MeLoRAConfig
+from .layers import MeLoRALinear, inject_adapters
+from .priors import prior_from_config
+
+
+class MeLoRAModel(nn.Module):
+    """Me-LoRA on a causal LM: ``W0 x + s B C A x`` in every target linear, C latent.
+
+    Calling the model is the Pyro model (use it with any guide of the ``guides`` package)::
+
+        model(input_ids, attention_mask=None, labels=None, num_data=None)
+
+    samples the stacked latent ``C`` (site ``"C"``, shape ``(L, r, r)`` in plate ``"adapters"``),
+    runs the base model computing only the last position's logits, records
+    ``probs`` (site ``"probs"``, ``(batch, K)``: the next-token distribution restricted to the K
+    label tokens) and observes ``labels`` (site ``"y"``) in ``pyro.plate("data", num_data)``.
+    Returns the label logits ``(batch, K)``.
+
+    A and B are stacked per shape group (layers with equal ``(n, m)`` share one ``(L_g, r, n)``
+    tensor) so that a step touches a handful of Pyro sites however many layers are adapted.
+
+    Args:
+        base_model: a transformers causal LM (its parameters are frozen); inputs must be left-padded.
+        config: ``MeLoRAConfig``.
+        label_token_ids: the K vocabulary ids of the answer labels (distinct).
+        name: prefix of the Pyro parameter names.
+    """
+
+    def __init__(self, base_model: nn.Module, config: MeLoRAConfig, label_token_ids: Sequence[int],
+                 name: str = "melora"):
+        super().__init__()
+        if any(isinstance(m, MeLoRALinear) for m in base_model.modules()):
+            raise ValueError("base_model already carries Me-LoRA adapters; load a fresh copy of it")
+        self.config, self.name = config, name
+        self.base = base_model.requires_grad_(False)
+        self.label_token_ids = _check_label_ids(label_token_ids, _vocab_size(base_model))
+        layers = inject_adapters(base_model, config.target_modules, config.rank, config.scaling,
+                                 config.dropout)
+        self.prior = prior_from_config(config)
+
+        # Group layers by shape; the order of self.layer_names is the order of C's first axis.
+        groups: dict[tuple[int, int], list[str]] = {}
+        for path, layer in layers.items():
+            groups.setdefault((layer.in_features, layer.out_features), []).append(path)
+        self.layer_names = [path for paths in groups.values() for path in paths]
+        self._layers = [layers[p] for p in self.layer_names]
+        self._group_sizes = [len(paths) for paths in groups.values()]
+        r = config.rank
+        device = next(base_model.parameters()).device
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        for (n, m), paths in groups.items():
+            A = torch.empty(len(paths), r, n, device=device)
+            for a in A:  # peft's LoRA initialisation of A
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A.append(nn.Parameter(A))
+            self.lora_B.append(nn.Parameter(torch.randn(len(paths), m, r, device=device) * config.init_b_std))
+
+    @property
+    def num_adapters(self) -> int:
+        """L, the number of adapted linear layers."""
+        return len(self.layer_names)
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_token_ids)
+
+    def adapter_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Register A and B with Pyro; returns the per-group stacks ``A_g (L_g, r, n)``, ``B_g (L_g, m, r)``."""
+        A = [pyro_param(f"{self.name}.lora_A.{g}", a) for g, a in enumerate(self.lora_A)]
+        B = [pyro_param(f"{self.name}.lora_B.{g}", b) for g, b in enumerate(self.lora_B)]
+        return A, B
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable adapter tensors ``{"lora_A.g": (L_g, r, n), "lora_B.g": (L_g, m, r)}``."""
+        return {f"lora_{x}.{g}": t for x, stacks in (("A", self.lora_A), ("B", self.lora_B))
+                for g, t in enumerate(stacks)}
+
+    def gram_matrices(self, A, B) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A A^T`` and ``B^T B`` of every layer, each ``(L, r, r)`` in C's layer order."""
+        return torch.cat([a @ a.mT for a in A]), torch.cat([b.mT @ b for b in B])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, num_data: int | None = None) -> torch.Tensor:
+        batch = _check_batch(input_ids, labels, self.num_labels)
+        A, B = self.adapter_params()
+        prior = self.prior(*self.gram_matrices(A, B), self.config.scaling)
+        with pyro.plate("adapters", self.num_adapters):
+            C = pyro.sample("C", prior)
+        logits = self.label_logits(input_ids, attention_mask, A, B, C)
+        # The batch is the subsample; its indices only fix the likelihood's scale num_data / batch.
+        with pyro.plate("data", size=num_data or batch,
+                        subsample=torch.arange(batch, device=input_ids.device)):
+            pyro.deterministic("probs", logits.softmax(-1), event_dim=1)
+            pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
+        return logits
+
+    def label_logits(self, input_ids, attention_mask, A, B, C) -> torch.Tensor:
+        """Logits ``(batch, K)`` of the label tokens at the last position, adapters bound to (A, B, C)."""
+        BC = [b @ c for b, c in zip(B, C.split(self._group_sizes))]
+        for layer, a, bc in zip(self._layers, _unbind_all(A), _unbind_all(BC)):
+            layer.bound = (a, bc)
+        try:
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
+                            use_cache=False)
+        finally:
+            for layer in self._layers:  # drop references so the graph can be freed
+                layer.bound = None
+        return out.logits[:, -1, self.label_token_ids].float()
+
+
+def _unbind_all(stacks):
+    return [t for stack in stacks for t in stack.unbind(0)]
+
+
+def _vocab_size(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _check_label_ids(ids, vocab_size) -> list[int]:
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise ValueError("label_token_ids is empty: give the vocabulary ids of the K answer labels")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"label_token_ids {bad} are outside the vocabulary [0, {vocab_size})")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label_token_ids {ids} contain duplicates; each label needs its own token")
+    return ids
+
+
+def _check_batch(input_ids, labels, num_labels) -> int:
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}")
+    batch = input_ids.shape[0]
+    if labels is not None:
+        if labels.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+            raise ValueError(f"labels must lie in 0..{num_labels - 1}, got values {labels.unique().tolist()}")
+    return batch
