@@ -38,12 +38,7 @@ class FullWeightELBO(Trace_ELBO):
         return model_trace, guide_trace
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        loss = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            loss = loss + self.particle_loss(model_trace, guide_trace)
-        loss = loss / self.num_particles
-        warn_if_nan(loss, "loss")
-        return loss
+        return self.loss_terms(model, guide, *args, **kwargs)["loss"]
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         with torch.no_grad():
@@ -55,17 +50,29 @@ class FullWeightELBO(Trace_ELBO):
             loss.backward()
         return torch_item(loss)
 
-    def particle_loss(self, model_trace, guide_trace) -> torch.Tensor:
-        """``-log p(y | x, C) + KL`` for one particle."""
-        loss = 0.0
+    def loss_terms(self, model, guide, *args, **kwargs) -> dict:
+        """``loss = nll + kl`` averaged over particles, with ``probs`` ``(batch, K)`` of the last one."""
+        nll = kl = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            particle_nll, particle_kl = self.particle_terms(model_trace, guide_trace)
+            nll, kl = nll + particle_nll, kl + particle_kl
+        nll, kl = nll / self.num_particles, kl / self.num_particles
+        loss = nll + kl
+        warn_if_nan(loss, "loss")
+        probs = model_trace.nodes["probs"]["value"] if "probs" in model_trace.nodes else None
+        return {"loss": loss, "nll": nll, "kl": kl, "probs": probs}
+
+    def particle_terms(self, model_trace, guide_trace) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(-log p(y | x, C), KL)`` for one particle."""
+        nll = kl = torch.zeros(())
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site) or site["infer"].get("_deterministic"):
                 continue
             if site["is_observed"]:
-                loss = loss - self.log_likelihood(site)
+                nll = nll - self.log_likelihood(site)
             else:
-                loss = loss + self.kl(site, guide_trace.nodes[name])
-        return loss
+                kl = kl + self.kl(site, guide_trace.nodes[name])
+        return nll, kl
 
     def log_likelihood(self, site) -> torch.Tensor:
         """Scaled and masked ``log p(value)`` of an observed site, summed."""

@@ -71,11 +71,20 @@ def load_adapters(directory, base_model: nn.Module, guide_cls=None):
             raise CheckpointError(f"{directory / META_FILE}: unknown guide class {meta['guide']!r}")
     if guide_cls is not None:
         guide = guide_cls(model)
-    tensors = load_file(directory / TENSORS_FILE)
+    load_adapter_tensors(directory, model, guide)
+    return model, guide
+
+
+def load_adapter_tensors(directory, model: MeLoRAModel, guide: nn.Module | None = None) -> None:
+    """Copy the saved tensors into an existing ``model`` (and ``guide``), checking names and shapes."""
+    directory = Path(directory)
+    try:
+        tensors = load_file(directory / TENSORS_FILE)
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{directory / TENSORS_FILE}: unreadable safetensors file: {e}") from e
     _load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, directory, "model")
     if guide is not None:
         _load_into(guide, {k[6:]: v for k, v in tensors.items() if k.startswith("guide.")}, directory, "guide")
-    return model, guide
 
 
 def _read_meta(directory: Path) -> dict:

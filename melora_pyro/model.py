@@ -20,13 +20,14 @@ class MeLoRAModel(nn.Module):
 
     Calling the model is the Pyro model (use it with any guide of the ``guides`` package)::
 
-        model(input_ids, attention_mask=None, labels=None, num_data=None)
+        model(input_ids, attention_mask=None, labels=None, num_data=None, choice_mask=None)
 
     samples the stacked latent ``C`` (site ``"C"``, shape ``(L, r, r)`` in plate ``"adapters"``),
     runs the base model computing only the last position's logits, records
     ``probs`` (site ``"probs"``, ``(batch, K)``: the next-token distribution restricted to the K
     label tokens) and observes ``labels`` (site ``"y"``) in ``pyro.plate("data", num_data)``.
-    Returns the label logits ``(batch, K)``.
+    Returns the label logits ``(batch, K)``. ``choice_mask`` ``(batch, K)`` bool marks the labels
+    each question offers (a 3-choice question among 5-choice ones); the others get probability 0.
 
     A and B are stacked per shape group (layers with equal ``(n, m)`` share one ``(L_g, r, n)``
     tensor) so that a step touches a handful of Pyro sites however many layers are adapted.
@@ -97,13 +98,16 @@ class MeLoRAModel(nn.Module):
         return torch.cat([a @ a.mT for a in A]), torch.cat([b.mT @ b for b in B])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, num_data: int | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, num_data: int | None = None,
+                choice_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch = _check_batch(input_ids, labels, self.num_labels)
         A, B = self.adapter_params()
         prior = self.prior(*self.gram_matrices(A, B), self.config.scaling)
         with pyro.plate("adapters", self.num_adapters):
             C = pyro.sample("C", prior)
         logits = self.label_logits(input_ids, attention_mask, A, B, C)
+        if choice_mask is not None:
+            logits = logits.masked_fill(~choice_mask, float("-inf"))
         # The batch is the subsample; its indices only fix the likelihood's scale num_data / batch.
         with pyro.plate("data", size=num_data or batch,
                         subsample=torch.arange(batch, device=input_ids.device)):

@@ -7,7 +7,7 @@ import torch
 
 @torch.no_grad()
 def predict_proba(model, guide, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  num_samples: int = 10) -> torch.Tensor:
+                  num_samples: int = 10, choice_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over ``num_samples`` guide draws of the model's label probabilities, ``(batch, K)``.
 
     Each draw costs one forward pass of the base model (last position only). ``num_samples=0``
@@ -17,15 +17,15 @@ def predict_proba(model, guide, input_ids: torch.Tensor, attention_mask: torch.T
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, choice_mask=choice_mask)
     if num_samples == 0:
-        return _probs(poutine.condition(model, data=guide.posterior_mean()), input_ids, attention_mask)
+        return _probs(poutine.condition(model, data=guide.posterior_mean()), inputs)
     total = 0.0
     for _ in range(num_samples):
-        guide_trace = poutine.trace(guide).get_trace(input_ids, attention_mask)
-        total = total + _probs(poutine.replay(model, trace=guide_trace), input_ids, attention_mask)
+        guide_trace = poutine.trace(guide).get_trace(**inputs)
+        total = total + _probs(poutine.replay(model, trace=guide_trace), inputs)
     return total / num_samples
 
 
-def _probs(model, input_ids, attention_mask) -> torch.Tensor:
-    trace = poutine.trace(model).get_trace(input_ids, attention_mask)
-    return trace.nodes["probs"]["value"]
+def _probs(model, inputs) -> torch.Tensor:
+    return poutine.trace(model).get_trace(**inputs).nodes["probs"]["value"]
