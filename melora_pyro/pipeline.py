@@ -1,0 +1,118 @@
+"""One run end to end: data, base model, method, training, evaluation and the written results."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data
+from ._atomic import atomic_write_text
+from .metrics import summarize
+from .models import load_base_model
+from .plots import reliability_diagram
+from .runs import RunSettings, resolve_device, save_settings
+from .train import evaluate
+
+METRIC_NAMES = ("acc", "ece", "nll", "brier")
+
+
+@dataclass
+class Task:
+    """The examples of a run and how to batch them for one tokenizer."""
+
+    train: list
+    eval: list
+    tokenizer: object
+    num_labels: int
+    max_length: int
+    device: torch.device
+
+    def collate(self, examples: list) -> dict:
+        """A batch of tensors on the run's device (see ``data.encode``)."""
+        batch = data.encode(self.tokenizer, examples, self.max_length, num_labels=self.num_labels)
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    @property
+    def label_token_ids(self) -> list[int]:
+        return data.label_token_ids(self.tokenizer, self.num_labels)
+
+
+def load_task(settings: RunSettings, tokenizer) -> Task:
+    """Load the train and evaluation splits (seeded subsets if limits are set)."""
+    seed = settings.train.seed
+    train = _subset(data.load_examples(settings.dataset, "train", settings.data_dir, seed), settings.train_limit, seed)
+    evals = _subset(data.load_examples(settings.dataset, settings.eval_split, settings.data_dir, seed),
+                    settings.eval_limit, seed)
+    num_labels = max(len(ex.choices) for ex in train + evals)
+    return Task(train, evals, tokenizer, num_labels, settings.max_length, resolve_device(settings.device))
+
+
+def _subset(examples: list, limit: int | None, seed: int) -> list:
+    if limit is None or limit >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, limit)
+
+
+def load_base(settings: RunSettings):
+    """``(model, tokenizer)``, the model on the run's device in the run's dtype."""
+    dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
+    model, tokenizer = load_base_model(settings.model, dtype=dtype)
+    return model.to(resolve_device(settings.device)), tokenizer
+
+
+def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bool = True):
+    """Train ``settings.method`` into ``run_dir``; returns ``(method, task)``."""
+    from .methods import build_method
+
+    base, tokenizer = load_base(settings)
+    task = load_task(settings, tokenizer)
+    save_settings(run_dir, settings)
+    spare = [base]
+
+    def base_factory():  # the loaded base first, fresh copies for methods that need several
+        return spare.pop() if spare else load_base(settings)[0]
+
+    method = build_method(settings.method, base_factory, settings.adapter, task.label_token_ids,
+                          seed=settings.train.seed)
+    method.fit(task.train, task.collate, settings.train, run_dir=run_dir, resume=resume, progress=progress)
+    return method, task
+
+
+def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: bool = True):
+    """Score ``task.eval``; write ``metrics.json``, ``summary.md`` and ``reliability.png``.
+
+    Returns ``(metrics, (probs (N, K), labels (N,)))``.
+    """
+    probs, labels = evaluate(lambda batch: method.predict(batch, settings.eval_samples), task.eval,
+                             task.collate, settings.eval_batch_size, progress=progress)
+    metrics = {**summarize(probs, labels), "n": len(labels), "method": settings.method,
+               "dataset": settings.dataset, "split": settings.eval_split,
+               "eval_samples": settings.eval_samples, "adapter_state": method.adapter_state()}
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    reliability_diagram({settings.method: (probs, labels)}, run_dir / "reliability.png",
+                        title=f"{settings.dataset} ({settings.eval_split})")
+    atomic_write_text(run_dir / "summary.md", summary_markdown({settings.method: metrics}, settings))
+    return metrics, (probs, labels)
+
+
+def summary_markdown(results: dict[str, dict], settings: RunSettings, command: str | None = None) -> str:
+    """A Markdown table of ACC / ECE / NLL / Brier per method, with the run's settings."""
+    lines = [f"# {settings.dataset}: {settings.eval_split} split", ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    if settings.dataset == "boolq" and settings.data_dir:
+        lines += [data.BOOLQ_OFFLINE_NOTE, ""]
+    lines += [f"Model `{settings.model}`, rank {settings.adapter.rank}, alpha {settings.adapter.alpha}, "
+              f"targets {', '.join(settings.adapter.target_modules)}, {settings.train.steps} steps of batch "
+              f"{settings.train.batch_size * settings.train.grad_accum}, lr {settings.train.lr}, "
+              f"{settings.eval_samples} evaluation samples, seed {settings.train.seed}.", "",
+              "| method | n | ACC ↑ | ECE ↓ | NLL ↓ | Brier ↓ | adapter state |",
+              "|---|---|---|---|---|---|---|"]
+    for name, m in results.items():
+        lines.append(f"| {name} | {m['n']} | {m['acc']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} | "
+                     f"{m['brier']:.4f} | {m['adapter_state']:,} |")
+    return "\n".join(lines) + "\n"
