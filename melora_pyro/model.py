@@ -101,10 +101,7 @@ class MeLoRAModel(nn.Module):
                 labels: torch.Tensor | None = None, num_data: int | None = None,
                 choice_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch = _check_batch(input_ids, labels, self.num_labels)
-        A, B = self.adapter_params()
-        prior = self.prior(*self.gram_matrices(A, B), self.config.scaling)
-        with pyro.plate("adapters", self.num_adapters):
-            C = pyro.sample("C", prior)
+        A, B, C = self.sample_adapters()
         logits = self.label_logits(input_ids, attention_mask, A, B, C)
         if choice_mask is not None:
             logits = logits.masked_fill(~choice_mask, float("-inf"))
@@ -114,6 +111,15 @@ class MeLoRAModel(nn.Module):
             pyro.deterministic("probs", logits.softmax(-1), event_dim=1)
             pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
         return logits
+
+    def sample_adapters(self):
+        """Register A and B and sample the latent ``C`` ``(L, r, r)`` from the prior; returns ``(A, B, C)``
+        as ``label_logits`` takes them. Variants with other latents (``melora_pyro.baselines``) override it."""
+        A, B = self.adapter_params()
+        prior = self.prior(*self.gram_matrices(A, B), self.config.scaling)
+        with pyro.plate("adapters", self.num_adapters):
+            C = pyro.sample("C", prior)
+        return A, B, C
 
     def label_logits(self, input_ids, attention_mask, A, B, C) -> torch.Tensor:
         """Logits ``(batch, K)`` of the label tokens at the last position, adapters bound to (A, B, C)."""
