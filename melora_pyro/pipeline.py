@@ -1,6 +1,7 @@
 """One run end to end: data, base model, method, training, evaluation and the written results."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from .metrics import summarize
 from .models import load_base_model
 from .plots import reliability_diagram
 from .runs import RunSettings, resolve_device, save_settings
-from .train import evaluate
+from .train import evaluate, launched_accelerator, wait_for_everyone
 
 METRIC_NAMES = ("acc", "ece", "nll", "brier")
 
@@ -64,12 +65,24 @@ def load_base(settings: RunSettings):
 
 
 def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bool = True):
-    """Train ``settings.method`` into ``run_dir``; returns ``(method, task)``."""
+    """Train ``settings.method`` into ``run_dir``; returns ``(method, task)``.
+
+    Under ``accelerate launch`` (several processes) every process runs this: training is data
+    parallel (``train.launched_accelerator``) and rank 0 alone writes into ``run_dir``.
+    """
     from .methods import build_method
 
-    base, tokenizer = load_base(settings)
-    task = load_task(settings, tokenizer)
-    save_settings(run_dir, settings)
+    accelerator = launched_accelerator()  # first: it binds this process to its device
+    run_settings = settings
+    if accelerator and settings.device == "auto":
+        device = accelerator.device
+        run_settings = dataclasses.replace(settings, device="cpu" if device.type == "cpu" else str(device))
+    base, tokenizer = load_base(run_settings)
+    task = load_task(run_settings, tokenizer)
+    if accelerator:
+        wait_for_everyone(accelerator)  # every process has checked run_dir before rank 0 writes
+    if not accelerator or accelerator.is_main_process:
+        save_settings(run_dir, settings)
     spare = [base]
 
     def base_factory():  # the loaded base first, fresh copies for methods that need several
@@ -91,6 +104,9 @@ def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: b
     metrics = {**summarize(probs, labels), "n": len(labels), "method": settings.method,
                "dataset": settings.dataset, "split": settings.eval_split,
                "eval_samples": settings.eval_samples, "adapter_state": method.adapter_state()}
+    accelerator = launched_accelerator()  # evaluate() gathered every process's shard
+    if accelerator and not accelerator.is_main_process:
+        return metrics, (probs, labels)
     run_dir = Path(run_dir)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     reliability_diagram({settings.method: (probs, labels)}, run_dir / "reliability.png",
