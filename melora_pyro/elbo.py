@@ -82,7 +82,7 @@ class FullWeightELBO(Trace_ELBO):
     def kl(self, model_site, guide_site) -> torch.Tensor:
         """The prior term of one latent site (see the class docstring)."""
         if guide_site["infer"].get("fixed"):
-            return torch.zeros(())
+            return guide_site["value"].new_zeros(())
         q, p = guide_site["fn"], model_site["fn"]
         if isinstance(q, Delta):
             term = -p.log_prob(guide_site["value"])
