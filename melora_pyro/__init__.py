@@ -2,6 +2,7 @@
 from . import kl, metrics
 from .config import MeLoRAConfig
 from .elbo import FullWeightELBO
+from .errors import ConfigError, MeLoRAError
 from .io import CheckpointError, load_adapters, merge_adapters, save_adapters
 from .model import MeLoRAModel
 from .predict import predict_proba
@@ -11,5 +12,5 @@ from .state import count_adapter_state
 __all__ = [
     "MeLoRAConfig", "MeLoRAModel", "FullWeightELBO", "ElementwisePrior", "FullWeightPrior",
     "predict_proba", "count_adapter_state", "save_adapters", "load_adapters", "merge_adapters",
-    "CheckpointError", "kl", "metrics",
+    "CheckpointError", "MeLoRAError", "ConfigError", "kl", "metrics",
 ]

@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 
 from .config import MeLoRAConfig
+from .errors import MeLoRAError
 from .runs import RunError, RunSettings, load_settings, prepare_run_dir, read_toml
 from .train import NumericalError, TrainConfig
 
@@ -36,15 +37,30 @@ def main(argv: list[str] | None = None) -> int:
         print("melora-pyro: interrupted", file=sys.stderr)
         return 130
     except NumericalError as e:
+        _close_progress_bars()
         if args.debug:
             traceback.print_exc()
-        print(f"melora-pyro: numerical error: {e}", file=sys.stderr)
+        print(f"melora-pyro: numerical error: {_one_line(e)}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, ImportError, RunError) as e:
+    except (MeLoRAError, ValueError, OSError, ImportError) as e:  # user errors: one line, no traceback
+        _close_progress_bars()
         if args.debug:
             traceback.print_exc()
-        print(f"melora-pyro: error: {e}", file=sys.stderr)
+        print(f"melora-pyro: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars an error left open, so the message starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (library messages are one already; some from transformers are not)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +122,9 @@ def _add_field_flag(parser, cls, f: dataclasses.Field, dest: str | None = None) 
                   if f.default is not dataclasses.MISSING else None)
     if kind is tuple:
         parser.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", **kwargs)
+    elif kind is bool:
+        del kwargs["metavar"]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", **kwargs)
     else:
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind in (int, float) else str, **kwargs)
 
@@ -159,9 +178,11 @@ def _predict(args) -> int:
     from .pipeline import train_run
 
     if args.input:
-        rows = [json.loads(line) for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _read_predict_input(args.input)
     elif args.question and args.choices:
         rows = [{"question": args.question, "choices": args.choices, "context": args.context}]
+        if _predict_row_problem(rows[0]):
+            raise RunError(f"--question / --choices / --context: {_predict_row_problem(rows[0])}")
     else:
         raise RunError("give --question and --choices, or --input FILE.jsonl")
     settings = load_settings(args.run_dir)
@@ -179,6 +200,56 @@ def _predict(args) -> int:
         print(json.dumps({"question": ex.question, "probs": dict(zip(ex.choices, [round(float(x), 4) for x in p])),
                           "answer": ex.choices[int(p[:len(ex.choices)].argmax())]}))
     return 0
+
+
+def _read_predict_input(path) -> list[dict]:
+    """The rows of a ``predict --input`` JSONL file, checked: RunError naming the line otherwise."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RunError(f"{path}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise RunError(f"{path} line {number}: invalid JSON ({e})") from None
+        problem = _predict_row_problem(row)
+        if problem:
+            raise RunError(f"{path} line {number}: {problem}")
+        rows.append(row)
+    if not rows:
+        raise RunError(f"{path}: empty file, expected JSON rows {{\"question\": ..., \"choices\": [...]}}")
+    return rows
+
+
+def _predict_row_problem(row) -> str | None:
+    """What is wrong with a ``{question, choices, context?}`` row, or None."""
+    from .data import LABEL_LETTERS
+
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {type(row).__name__}"
+    unknown = sorted(set(row) - {"question", "choices", "context"})
+    if unknown:
+        return f"unknown fields {unknown}; expected question, choices and optionally context"
+    if not isinstance(row.get("question"), str) or not row["question"].strip():
+        return "field 'question' should be a non-empty string"
+    if not isinstance(row.get("context", ""), str):
+        return "field 'context' should be a string"
+    choices = row.get("choices")
+    if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
+        return "field 'choices' should be a list of non-empty strings"
+    if not 2 <= len(choices) <= len(LABEL_LETTERS):
+        return f"{len(choices)} choices, expected 2 to {len(LABEL_LETTERS)}"
+    if len({c.strip() for c in choices}) != len(choices):
+        return f"duplicate choices {choices}"
+    try:
+        "".join([row["question"], row.get("context", ""), *choices]).encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate, from a JSON escape
+        return f"invalid text ({e.reason})"
+    return None
 
 
 def _demo(args) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 KL_KINDS = ("full_weight", "elementwise")
 
 
@@ -39,7 +41,11 @@ class MeLoRAConfig:
     def __post_init__(self):
         if isinstance(self.target_modules, str):
             object.__setattr__(self, "target_modules", (self.target_modules,))
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.target_modules, (list, tuple)):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        else:
+            raise ConfigError(f"MeLoRAConfig.target_modules must be a non-empty sequence of module names, "
+                              f"got {self.target_modules!r:.80}")
         checks = [
             ("rank", isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
              "a positive integer"),
@@ -50,13 +56,13 @@ class MeLoRAConfig:
             ("prior_std", _is_number(self.prior_std) and self.prior_std > 0, "a positive number"),
             ("prior_noise", _is_number(self.prior_noise) and self.prior_noise >= 0,
              "a number >= 0"),
-            ("kl", self.kl in KL_KINDS, f"one of {KL_KINDS}"),
+            ("kl", isinstance(self.kl, str) and self.kl in KL_KINDS, f"one of {KL_KINDS}"),
             ("dropout", _is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
             ("init_b_std", _is_number(self.init_b_std) and self.init_b_std > 0, "a positive number"),
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"MeLoRAConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise ConfigError(f"MeLoRAConfig.{name} must be {expected}, got {getattr(self, name)!r:.80}")
 
     @property
     def scaling(self) -> float:
@@ -70,12 +76,41 @@ class MeLoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MeLoRAConfig":
-        """Build from a dict (a JSON or TOML table); unknown keys raise ``ValueError``."""
+        """Build from a dict (a JSON or TOML table); unknown keys or bad values raise ``ConfigError``."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"MeLoRAConfig: expected a table of settings, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
-            raise ValueError(f"MeLoRAConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"MeLoRAConfig: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+def check_train_config(config) -> None:
+    """Validate a ``train.TrainConfig`` (called by its ``__post_init__``); raises ``ConfigError``."""
+    checks = {
+        "steps": (_is_int(config.steps) and config.steps >= 1, "a positive integer"),
+        "batch_size": (_is_int(config.batch_size) and config.batch_size >= 1, "a positive integer"),
+        "grad_accum": (_is_int(config.grad_accum) and config.grad_accum >= 1, "a positive integer"),
+        "lr": (_is_number(config.lr) and config.lr >= 0, "a finite number >= 0"),
+        "guide_lr": (config.guide_lr is None or _is_number(config.guide_lr) and config.guide_lr >= 0,
+                     "None or a finite number >= 0"),
+        "weight_decay": (_is_number(config.weight_decay) and config.weight_decay >= 0, "a finite number >= 0"),
+        "max_grad_norm": (config.max_grad_norm is None
+                          or _is_number(config.max_grad_norm) and config.max_grad_norm >= 0,
+                          "None or a finite number >= 0 (0: no clipping)"),
+        "seed": (_is_int(config.seed) and 0 <= config.seed < 2 ** 63, "an integer in [0, 2**63)"),
+        "log_every": (_is_int(config.log_every) and config.log_every >= 1, "a positive integer"),
+        "checkpoint_every": (_is_int(config.checkpoint_every) and config.checkpoint_every >= 0,
+                             "an integer >= 0 (0: only at the end)"),
+    }
+    for name, (ok, expected) in checks.items():
+        if not ok:
+            raise ConfigError(f"TrainConfig.{name} must be {expected}, got {getattr(config, name)!r:.80}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from melora_pyro.errors import MeLoRAError
 from melora_pyro.toy_task import toy_rows
 
 LABEL_LETTERS = "ABCDEFGH"
@@ -35,7 +36,7 @@ BOOLQ_OFFLINE_NOTE = (
 _DIGIT_LABELS = {str(k + 1): letter for k, letter in enumerate(LABEL_LETTERS)}  # ARC's "1".."8"
 
 
-class DatasetError(ValueError):
+class DatasetError(MeLoRAError):
     """Bad benchmark data. The message names the file, the 1-based line (or row) and what was expected.
 
     ``source`` is the file (or hub split) and ``line`` the 1-based line or row, or None when the
@@ -86,6 +87,11 @@ def _get(row: Mapping, key: str, kind: type, loc: _Loc, prefix: str = ""):
     value = row[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise loc.error(f"field {prefix + key!r} should be {kind.__name__}, got {type(value).__name__} {value!r:.60}")
+    if isinstance(value, str):  # JSON may escape a lone surrogate ("\ud800"): no tokenizer takes it
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise loc.error(f"field {prefix + key!r} is not valid text ({err.reason} at character {err.start})") from None
     return value
 
 
@@ -400,7 +406,7 @@ def render_prompt(example: Example) -> str:
 def label_token_ids(tokenizer, num_choices: int) -> list[int]:
     """Token id for each label string ``" A"``, ``" B"``, ...: the last token of its tokenisation.
 
-    Returns ``num_choices`` distinct ids; ValueError if two labels share one.
+    Returns ``num_choices`` distinct ids; ``MeLoRAError`` (a ValueError) if two labels share one.
     """
     if not 1 <= num_choices <= len(LABEL_LETTERS):
         raise ValueError(f"num_choices {num_choices} outside 1..{len(LABEL_LETTERS)}")
@@ -409,7 +415,8 @@ def label_token_ids(tokenizer, num_choices: int) -> list[int]:
     owner = {}
     for label, token in zip(labels, ids):
         if token in owner:
-            raise ValueError(f"label strings {owner[token]!r} and {label!r} tokenise to the same token {token}")
+            raise MeLoRAError(f"label strings {owner[token]!r} and {label!r} tokenise to the same token {token}; "
+                              f"this tokenizer cannot tell the answers apart")
         owner[token] = label
     return ids
 
@@ -464,7 +471,7 @@ def _fit_prompt(tokenizer, example: Example, max_length: int, bos: list[int]) ->
 
     A prompt that is too long loses whole words from the end of its passage first (down to dropping
     the passage line), then from the start of its question; the choices and ``"Answer:"`` are never
-    cut. ValueError if they alone do not fit.
+    cut. DatasetError (a ValueError) if they alone do not fit.
     """
     ids = _tokenise(tokenizer, example, bos)
     if len(ids) <= max_length:
@@ -482,9 +489,10 @@ def _fit_prompt(tokenizer, example: Example, max_length: int, bos: list[int]) ->
         if kept is not None:
             return _tokenise(tokenizer, cut(kept), bos)
     bare = len(_tokenise(tokenizer, replace(no_passage, question=""), bos))
-    raise ValueError(
+    raise DatasetError(
         f"example {example.uid!r}: the prompt takes {len(ids)} tokens and its choices block with 'Answer:' "
-        f"alone takes {bare}, more than max_length={max_length}")
+        f"alone takes {bare}, more than max_length={max_length}; raise max_length to at least {bare}",
+        example.uid)
 
 
 def _longest_fitting(fits: Callable[[int], bool], full: int) -> int | None:

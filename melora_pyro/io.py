@@ -10,6 +10,7 @@ from torch import nn
 
 from ._atomic import atomic_write_bytes, atomic_write_text
 from .config import MeLoRAConfig
+from .errors import MeLoRAError
 from .layers import MeLoRALinear
 from .model import MeLoRAModel, _unbind_all
 
@@ -18,7 +19,7 @@ META_FILE = "melora.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MeLoRAError):
     """An adapter checkpoint that is missing, malformed or does not fit the base model."""
 
 
@@ -48,9 +49,10 @@ def save_adapters(directory, model: MeLoRAModel, guide: nn.Module | None = None)
 def load_adapters(directory, base_model: nn.Module, guide_cls=None):
     """Rebuild ``(model, guide)`` on a fresh ``base_model`` from :func:`save_adapters` output.
 
-    ``guide_cls`` defaults to the class named in the checkpoint (looked up in the ``guides``
-    package). Raises :class:`CheckpointError` if the files are missing or malformed, or if the
-    layer names or tensor shapes do not match the base model.
+    ``guide_cls`` defaults to the class named in the checkpoint (one of ``guides.__all__``; no other
+    name is looked up, so a checkpoint cannot make this call anything else). Raises
+    :class:`CheckpointError` if the files are missing or malformed, or if the layer names or tensor
+    shapes do not match the base model.
     """
     import guides
 
@@ -61,14 +63,15 @@ def load_adapters(directory, base_model: nn.Module, guide_cls=None):
         model = MeLoRAModel(base_model, config, meta["label_token_ids"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / META_FILE}: checkpoint does not fit the base model: {e}") from e
-    if model.layer_names != meta["layer_names"]:
-        raise CheckpointError(f"{directory}: adapted layers differ: checkpoint has {meta['layer_names'][:3]}..., "
+    if model.layer_names != meta.get("layer_names"):
+        raise CheckpointError(f"{directory}: adapted layers differ: checkpoint has {meta.get('layer_names')!r:.120}, "
                               f"base model gives {model.layer_names[:3]}...")
     guide = None
     if guide_cls is None and meta.get("guide"):
-        guide_cls = getattr(guides, meta["guide"], None)
-        if guide_cls is None:
-            raise CheckpointError(f"{directory / META_FILE}: unknown guide class {meta['guide']!r}")
+        if meta["guide"] not in guides.__all__:
+            raise CheckpointError(f"{directory / META_FILE}: unknown guide class {meta['guide']!r:.80}; "
+                                  f"expected one of {guides.__all__}")
+        guide_cls = getattr(guides, meta["guide"])
     if guide_cls is not None:
         guide = guide_cls(model)
     load_adapter_tensors(directory, model, guide)
@@ -76,8 +79,14 @@ def load_adapters(directory, base_model: nn.Module, guide_cls=None):
 
 
 def load_adapter_tensors(directory, model: MeLoRAModel, guide: nn.Module | None = None) -> None:
-    """Copy the saved tensors into an existing ``model`` (and ``guide``), checking names and shapes."""
+    """Copy the saved tensors into an existing ``model`` (and ``guide``), checking names and shapes.
+
+    The checkpoint's ``melora.json`` must describe ``model``: the same adapted layers in the same
+    order, label tokens and adapter config (tensors of equal shape in other layers would otherwise
+    load silently). Raises :class:`CheckpointError`.
+    """
     directory = Path(directory)
+    _check_fits(_read_meta(directory), model, directory)
     try:
         tensors = load_file(directory / TENSORS_FILE)
     except Exception as e:  # safetensors raises its own error types for a damaged file
@@ -85,6 +94,23 @@ def load_adapter_tensors(directory, model: MeLoRAModel, guide: nn.Module | None 
     _load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, directory, "model")
     if guide is not None:
         _load_into(guide, {k[6:]: v for k, v in tensors.items() if k.startswith("guide.")}, directory, "guide")
+
+
+def _check_fits(meta: dict, model: MeLoRAModel, directory: Path) -> None:
+    """``meta`` (a checkpoint's ``melora.json``) describes ``model``, else CheckpointError."""
+    saved = meta.get("config")
+    own = model.config.to_dict()
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{directory / META_FILE}: 'config' should be a table, got {saved!r:.60}")
+    differ = [f"{k}={saved.get(k)!r:.40} (checkpoint) vs {v!r:.40} (model)" for k, v in own.items()
+              if saved.get(k) != v]
+    if differ or set(saved) - set(own):
+        raise CheckpointError(f"{directory / META_FILE}: the checkpoint's adapter config does not match the "
+                              f"model: {'; '.join(differ) or sorted(map(str, set(saved) - set(own)))}")
+    for key in ("layer_names", "label_token_ids"):
+        if meta.get(key) != list(getattr(model, key)):
+            raise CheckpointError(f"{directory / META_FILE}: {key} differ: checkpoint has {meta.get(key)!r:.120}, "
+                                  f"the model has {list(getattr(model, key))!r:.120}")
 
 
 def _read_meta(directory: Path) -> dict:

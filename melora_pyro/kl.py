@@ -59,6 +59,11 @@ def full_weight_kl_terms(M, omega, gram_a, gram_b, log_c) -> torch.Tensor:
 
 
 def spd_logdet(gram: torch.Tensor) -> torch.Tensor:
-    """log det of symmetric positive-definite ``(..., r, r)`` matrices via Cholesky; returns ``(...)``."""
-    chol = torch.linalg.cholesky(gram)
-    return 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    """log det of symmetric positive-definite ``(..., r, r)`` matrices via Cholesky; returns ``(...)``.
+
+    A matrix that is not positive definite (the Gram matrix of a diverged, inf or NaN, A or B) gives
+    NaN instead of an exception, so the training loop reports a ``NumericalError`` in the KL.
+    """
+    chol, info = torch.linalg.cholesky_ex(gram)
+    logdet = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return torch.where(info == 0, logdet, torch.full_like(logdet, float("nan")))

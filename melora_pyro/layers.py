@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 
 class MeLoRALinear(nn.Module):
     """``y = W0 x + s * (B C) A x`` around a frozen ``nn.Linear`` (W0: m x n).
@@ -43,7 +45,8 @@ def inject_adapters(model: nn.Module, target_modules, rank: int, scaling: float,
 
     A target matches the last component of a module path (``"q_proj"``) or a whole path
     (``"lm_head"``, ``"model.layers.0.self_attn.q_proj"``). Returns ``{path: layer}`` in module order.
-    Raises ``ValueError`` for a target that matches no ``nn.Linear`` or a rank above min(n, m).
+    Raises ``errors.ConfigError`` (a ValueError) for a target that matches no ``nn.Linear`` or a rank
+    above min(n, m).
     """
     targets = set(target_modules)
     found = {name: module for name, module in model.named_modules()
@@ -52,13 +55,13 @@ def inject_adapters(model: nn.Module, target_modules, rank: int, scaling: float,
     missing = sorted(targets - matched)
     if missing:
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
-                         f"its linear modules are named {linear_names}")
+        raise ConfigError(f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
+                          f"its linear modules are named {linear_names}")
     adapted = {}
     for name, linear in found.items():
         if rank > min(linear.in_features, linear.out_features):
-            raise ValueError(f"rank {rank} exceeds min(n, m) = {min(linear.in_features, linear.out_features)} "
-                             f"of {name} ({linear.out_features} x {linear.in_features})")
+            raise ConfigError(f"rank {rank} exceeds min(n, m) = {min(linear.in_features, linear.out_features)} "
+                              f"of {name} ({linear.out_features} x {linear.in_features})")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         adapted[name] = MeLoRALinear(linear, scaling, dropout)

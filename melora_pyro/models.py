@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from .errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -41,7 +43,12 @@ def load_base_model(
        GGUF file is de-quantised once (about 40 s) into ``<cache_dir>/smollm2-135m`` as float32
        safetensors; later calls read that directory (seconds);
     3. anything else: a Hugging Face hub id, passed to ``from_pretrained`` with ``cache_dir``
-       (offline this fails with the library's own error).
+       (offline this fails with the library's own error). A name that can only be a path (it starts
+       with ``/``, ``.`` or ``~``, or has more than one ``/``) and is not a directory raises
+       ``errors.ConfigError``.
+
+    ``trust_remote_code`` (default False) lets ``transformers`` import and run Python files shipped
+    with the checkpoint; leave it off unless you trust the source.
 
     ``cache_dir`` is the cache root (default :func:`default_cache_dir`). The model is returned in eval
     mode with weights in ``dtype``; the tokenizer pads on the left and has a pad token (the EOS token
@@ -55,6 +62,9 @@ def load_base_model(
         source, hub_cache = name_or_path, None
     elif name_or_path == SMOLLM2_ALIAS:
         source, hub_cache = _smollm2_dir(cache_root / SMOLLM2_ALIAS), None
+    elif name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError(f"model directory {name_or_path} not found (expected a directory with config.json, "
+                          f"a hub id 'org/name' or {SMOLLM2_ALIAS!r})")
     else:
         source, hub_cache = name_or_path, cache_dir
     model = AutoModelForCausalLM.from_pretrained(

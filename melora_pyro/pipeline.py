@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,27 @@ def load_task(settings: RunSettings, tokenizer) -> Task:
     evals = _subset(data.load_examples(settings.dataset, settings.eval_split, settings.data_dir, seed),
                     settings.eval_limit, seed)
     num_labels = max(len(ex.choices) for ex in train + evals)
+    for split, examples in (("train", train), (settings.eval_split, evals)):
+        _check_prompts_fit(examples, tokenizer, settings.max_length, f"{settings.dataset} {split}")
     return Task(train, evals, tokenizer, num_labels, settings.max_length, resolve_device(settings.device))
+
+
+def _check_prompts_fit(examples: list, tokenizer, max_length: int, where: str) -> None:
+    """DatasetError now, rather than at the batch that holds it mid-training, for an example whose
+    prompt cannot fit ``max_length`` tokens even with its passage and question cut away entirely
+    (what ``data.encode`` would refuse)."""
+    if not examples:
+        return
+    bos = len(data._bos_prefix(tokenizer))
+    bare = [data.render_prompt(replace(ex, context="", question="")) for ex in examples]
+    lengths = [bos + len(ids) for ids in tokenizer(bare, add_special_tokens=False)["input_ids"]]
+    worst = max(range(len(examples)), key=lengths.__getitem__)
+    if lengths[worst] > max_length:
+        too_long = sum(n > max_length for n in lengths)
+        raise data.DatasetError(
+            f"{where}: {too_long} example(s) cannot fit max_length={max_length} tokens even without passage and "
+            f"question, e.g. {examples[worst].uid!r}, whose choices and 'Answer:' alone take {lengths[worst]}; "
+            f"raise --max-length to at least {lengths[worst]}", where)
 
 
 def _subset(examples: list, limit: int | None, seed: int) -> list:
@@ -60,7 +80,7 @@ def _subset(examples: list, limit: int | None, seed: int) -> list:
 def load_base(settings: RunSettings):
     """``(model, tokenizer)``, the model on the run's device in the run's dtype."""
     dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
-    model, tokenizer = load_base_model(settings.model, dtype=dtype)
+    model, tokenizer = load_base_model(settings.model, dtype=dtype, trust_remote_code=settings.trust_remote_code)
     return model.to(resolve_device(settings.device)), tokenizer
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import tomllib
 from dataclasses import dataclass, field
@@ -16,10 +17,12 @@ import torch
 
 from ._atomic import atomic_write_text
 from .config import MeLoRAConfig
+from .data import DATASETS
+from .errors import MeLoRAError
 from .train import TrainConfig
 
 
-class RunError(ValueError):
+class RunError(MeLoRAError):
     """A user error about a run: bad settings, a run directory that exists or is not a run."""
 
 
@@ -29,7 +32,8 @@ class RunSettings:
 
     ``train_limit`` / ``eval_limit`` cap the number of examples (a seeded subset), for quick runs.
     ``dtype`` is the base model's (adapters and guide stay float32); ``device`` ``"auto"`` takes
-    CUDA when available.
+    CUDA when available. ``trust_remote_code`` lets ``transformers`` run Python code shipped with a
+    hub model; it is off unless asked for (``--trust-remote-code``).
     """
 
     model: str = "smollm2-135m"
@@ -44,19 +48,42 @@ class RunSettings:
     eval_batch_size: int = 16
     dtype: str = "float32"
     device: str = "auto"
+    trust_remote_code: bool = False
     adapter: MeLoRAConfig = field(default_factory=MeLoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise RunError(f"device must be 'auto', 'cpu', 'cuda[:N]' or 'mps', got {self.device!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise RunError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        for name in ("max_length", "eval_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise RunError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not isinstance(self.eval_samples, int) or self.eval_samples < 0:
-            raise RunError(f"eval_samples must be an integer >= 0, got {self.eval_samples!r}")
+        def positive(x):
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        def text(x):
+            return isinstance(x, str) and x.strip() != ""
+
+        checks = [
+            ("model", text(self.model), "a model directory, hub id or 'smollm2-135m'"),
+            ("dataset", isinstance(self.dataset, str) and self.dataset in DATASETS, f"one of {sorted(DATASETS)}"),
+            ("data_dir", self.data_dir is None or text(self.data_dir), "a directory or None (the hub)"),
+            ("method", text(self.method), "a method name"),
+            ("max_length", positive(self.max_length), "a positive integer"),
+            ("train_limit", self.train_limit is None or positive(self.train_limit), "None or a positive integer"),
+            ("eval_limit", self.eval_limit is None or positive(self.eval_limit), "None or a positive integer"),
+            ("eval_samples", isinstance(self.eval_samples, int) and not isinstance(self.eval_samples, bool)
+             and self.eval_samples >= 0, "an integer >= 0"),
+            ("eval_batch_size", positive(self.eval_batch_size), "a positive integer"),
+            ("dtype", self.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
+            ("device", isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device),
+             "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+            ("trust_remote_code", isinstance(self.trust_remote_code, bool), "true or false"),
+            ("adapter", isinstance(self.adapter, MeLoRAConfig), "a MeLoRAConfig"),
+            ("train", isinstance(self.train, TrainConfig), "a TrainConfig"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise RunError(f"setting {name} must be {expected}, got {getattr(self, name)!r:.80}")
+        splits = DATASETS[self.dataset].splits
+        if self.eval_split not in splits:
+            raise RunError(f"setting eval_split must be one of {list(splits)} for dataset {self.dataset!r}, "
+                           f"got {self.eval_split!r:.80}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -65,19 +92,28 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSettings":
-        """Build from nested dicts (JSON or TOML: top-level keys plus ``[adapter]`` and ``[train]``)."""
+        """Build from nested dicts (JSON or TOML: top-level keys plus ``[adapter]`` and ``[train]``).
+
+        Unknown keys and bad values raise ``RunError`` (or ``ConfigError`` for ``[adapter]`` / ``[train]``
+        values), both ``MeLoRAError``.
+        """
+        if not isinstance(d, dict):
+            raise RunError(f"settings must be a table of keys, got {type(d).__name__}")
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise RunError(f"unknown settings {unknown}; known: {sorted(known)}")
+        for section in ("adapter", "train"):
+            if not isinstance(d.get(section, {}), dict):
+                raise RunError(f"[{section}] must be a table of keys, got {type(d[section]).__name__}")
         try:
             adapter = MeLoRAConfig.from_dict(d.pop("adapter", {}))
             train_table = d.pop("train", {})
             train_known = {f.name for f in dataclasses.fields(TrainConfig)}
             if set(train_table) - train_known:
-                raise ValueError(f"unknown [train] keys {sorted(set(train_table) - train_known)}; "
-                                 f"known: {sorted(train_known)}")
+                raise RunError(f"unknown [train] keys {sorted(map(str, set(train_table) - train_known))}; "
+                               f"known: {sorted(train_known)}")
             return cls(adapter=adapter, train=TrainConfig(**train_table), **d)
         except TypeError as e:
             raise RunError(f"invalid settings: {e}") from e
@@ -103,16 +139,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+RUN_ENTRIES = frozenset({"settings.json", "train_log.jsonl", "checkpoints", "metrics.json", "summary.md",
+                         "reliability.png"})
+
+
 def prepare_run_dir(run_dir, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``run_dir``; an existing non-empty one is an error unless ``overwrite`` or ``resume``."""
+    """Create ``run_dir``; an existing non-empty one is an error unless ``overwrite`` or ``resume``.
+
+    ``overwrite`` deletes only what a run writes: a directory holding anything else (``--run-dir .``
+    by mistake) is refused, never deleted.
+    """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"run directory {run_dir} exists and is not a directory")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         if not overwrite:
             raise RunError(f"run directory {run_dir} exists and is not empty; pass --overwrite to replace "
                            f"it or --resume to continue it")
+        strangers = _non_run_entries(run_dir)
+        if strangers:
+            raise RunError(f"refusing to overwrite {run_dir}: it holds files a run does not write "
+                           f"({', '.join(strangers[:3])}); delete it yourself or choose another --run-dir")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _non_run_entries(directory: Path, depth: int = 0) -> list[str]:
+    """Names under ``directory`` that no run writes (a run or a demo: run directories one level down)."""
+    strangers = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name in RUN_ENTRIES:
+            continue
+        if depth == 0 and entry.is_dir() and not entry.is_symlink():
+            strangers += [f"{entry.name}/{name}" for name in _non_run_entries(entry, 1)]
+        else:
+            strangers.append(entry.name)
+    return strangers
 
 
 def save_settings(run_dir, settings: RunSettings) -> None:

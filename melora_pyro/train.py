@@ -22,13 +22,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyro
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._atomic import atomic_write_text
 from .checkpoint import find_latest_checkpoint, load_training_state, save_training_state
+from .config import check_train_config
 from .elbo import FullWeightELBO
+from .errors import MeLoRAError
 
 Batch = dict  # input_ids, attention_mask, labels, choice_mask: tensors with a leading batch axis
 
@@ -52,15 +55,10 @@ class TrainConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("lr", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        check_train_config(self)  # types and ranges of every field; raises errors.ConfigError
 
 
-class NumericalError(RuntimeError):
+class NumericalError(MeLoRAError, RuntimeError):
     """A NaN or inf in the loss, the KL or a parameter: training stops before the update."""
 
 
@@ -80,6 +78,12 @@ class ELBOModule(nn.Module):
         self.elbo = elbo or FullWeightELBO()
 
     def forward(self, batch: Batch, num_data: int) -> dict:
+        # With Pyro's argument validation on, NaN logits raise a ValueError deep inside the model; off,
+        # they reach the loss, which train() checks: a NumericalError naming the step and the tensor.
+        with pyro.validation_enabled(False):
+            return self._terms(batch, num_data)
+
+    def _terms(self, batch: Batch, num_data: int) -> dict:
         with torch.autocast(batch["input_ids"].device.type, enabled=False):
             return self.elbo.loss_terms(self.model, self.guide, batch["input_ids"], batch.get("attention_mask"),
                                         batch["labels"], num_data, choice_mask=batch.get("choice_mask"))
