@@ -24,7 +24,8 @@ from .train import NumericalError, TrainConfig
 
 _SECTIONS = {"adapter": MeLoRAConfig, "train": TrainConfig}
 # The demo's budget: about ten minutes for both methods on 2 CPU cores (README).
-DEMO_TRAIN = dict(steps=150, batch_size=8, lr=1e-3, log_every=10)
+DEMO_TRAIN = dict(steps=100, batch_size=8, lr=1e-3, log_every=10)
+DEMO_TARGETS = ("q_proj", "v_proj", "lm_head")  # BLoB's recipe (DESIGN.md section 5)
 _EVALUATE_FIELDS = ("data_dir", "eval_split", "eval_limit", "eval_samples", "eval_batch_size")
 
 
@@ -258,7 +259,7 @@ def _demo(args) -> int:
     from .pipeline import evaluate_run, summary_markdown, train_run
     from .plots import reliability_diagram
 
-    defaults = RunSettings(train=TrainConfig(**DEMO_TRAIN))
+    defaults = RunSettings(adapter=MeLoRAConfig(target_modules=DEMO_TARGETS), train=TrainConfig(**DEMO_TRAIN))
     settings = _settings(args, base=defaults)
     run_dir = prepare_run_dir(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}",
                               overwrite=args.overwrite)
