@@ -58,7 +58,8 @@ class FullWeightELBO(Trace_ELBO):
             nll, kl = nll + particle_nll, kl + particle_kl
         nll, kl = nll / self.num_particles, kl / self.num_particles
         loss = nll + kl
-        warn_if_nan(loss, "loss")
+        if is_validation_enabled():  # reading the value synchronises a GPU
+            warn_if_nan(loss, "loss")
         probs = model_trace.nodes["probs"]["value"] if "probs" in model_trace.nodes else None
         return {"loss": loss, "nll": nll, "kl": kl, "probs": probs}
 

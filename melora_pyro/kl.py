@@ -5,6 +5,8 @@ batch of layers ``(..., r, r)`` and return the KL summed over everything as a 0-
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -52,7 +54,7 @@ def full_weight_kl_terms(M, omega, gram_a, gram_b, log_c) -> torch.Tensor:
     trace_cov = (omega.square() * gram_b.diagonal(dim1=-2, dim2=-1)[..., :, None]
                  * gram_a.diagonal(dim1=-2, dim2=-1)[..., None, :]).sum((-2, -1))
     trace_mean = (M * (gram_b @ M @ gram_a)).sum((-2, -1))
-    c = torch.as_tensor(log_c, dtype=M.dtype, device=M.device).exp()
+    c = math.exp(log_c) if isinstance(log_c, float) else log_c.exp()
     return 0.5 * (c * (trace_cov + trace_mean) - r * r - r * r * log_c
                   - r * spd_logdet(gram_a) - r * spd_logdet(gram_b)
                   - 2 * omega.log().sum((-2, -1)))

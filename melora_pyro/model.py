@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
+from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
 
@@ -47,6 +48,10 @@ class MeLoRAModel(nn.Module):
         self.config, self.name = config, name
         self.base = base_model.requires_grad_(False)
         self.label_token_ids = _check_label_ids(label_token_ids, _vocab_size(base_model))
+        # A device tensor: indexing with the Python list would copy it to the GPU every forward.
+        self.register_buffer("label_index", torch.tensor(self.label_token_ids,
+                                                         device=next(base_model.parameters()).device),
+                             persistent=False)
         layers = inject_adapters(base_model, config.target_modules, config.rank, config.scaling,
                                  config.dropout)
         self.prior = prior_from_config(config)
@@ -132,7 +137,7 @@ class MeLoRAModel(nn.Module):
         finally:
             for layer in self._layers:  # drop references so the graph can be freed
                 layer.bound = None
-        return out.logits[:, -1, self.label_token_ids].float()
+        return out.logits[:, -1].index_select(-1, self.label_index).float()
 
 
 def _unbind_all(stacks):
@@ -162,6 +167,7 @@ def _check_batch(input_ids, labels, num_labels) -> int:
     if labels is not None:
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
+        # Reading the range synchronises a GPU: checked under Pyro's validation (on by default).
+        if is_validation_enabled() and labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
             raise ValueError(f"labels must lie in 0..{num_labels - 1}, got values {labels.unique().tolist()}")
     return batch
