@@ -1,0 +1,67 @@
+"""The melora-pyro command on the real stories260K model and the embedded toy task."""
+import json
+
+import pytest
+
+from melora_pyro.cli import main
+
+from .conftest import STORIES_DIR
+
+QUICK = ["--model", str(STORIES_DIR), "--dataset", "toy", "--rank", "2", "--steps", "4",
+         "--batch-size", "4", "--train-limit", "16", "--eval-limit", "8", "--eval-samples", "2",
+         "--lr", "1e-3", "--max-length", "64"]
+
+
+@pytest.fixture
+def trained_run(tmp_path, stories):
+    run_dir = tmp_path / "run"
+    assert main(["train", *QUICK, "--method", "melora", "--checkpoint-every", "2", "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_train_writes_the_run_directory(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"settings.json", "train_log.jsonl", "checkpoints", "metrics.json", "summary.md",
+            "reliability.png"} <= names
+    log = [json.loads(line) for line in (trained_run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all("kl" in r and "acc" in r for r in log)
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["n"] == 8 and 0 <= metrics["acc"] <= 1 and metrics["nll"] > 0
+    assert json.loads((trained_run / "settings.json").read_text())["adapter"]["rank"] == 2
+    assert "| melora | 8 |" in (trained_run / "summary.md").read_text()
+    assert (trained_run / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_reproduces_train_time_metrics(trained_run, capsys):
+    before = json.loads((trained_run / "metrics.json").read_text())
+    assert main(["evaluate", "--run-dir", str(trained_run), "--eval-samples", "0"]) == 0
+    assert "ACC" in capsys.readouterr().out
+    after = json.loads((trained_run / "metrics.json").read_text())
+    assert after["eval_samples"] == 0 and after["n"] == before["n"]
+
+
+def test_predict_prints_probabilities(trained_run, capsys):
+    assert main(["predict", "--run-dir", str(trained_run), "--question", "What is 10 + 11?",
+                 "--choices", "21", "20", "31", "12"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(row["probs"]) == {"21", "20", "31", "12"}
+    assert abs(sum(row["probs"].values()) - 1) < 1e-3
+
+
+def test_existing_run_dir_is_not_overwritten(trained_run, capsys):
+    assert main(["train", *QUICK, "--run-dir", str(trained_run)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_toml_config_and_flags(tmp_path, stories, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('method = "map"\n[adapter]\nrank = 3\n[train]\nsteps = 2\n')
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(config), *QUICK[:-8], "--steps", "3", "--train-limit", "8",
+                 "--eval-limit", "4", "--run-dir", str(run_dir)]) == 0
+    settings = json.loads((run_dir / "settings.json").read_text())
+    assert settings["method"] == "map" and settings["adapter"]["rank"] == 2  # the flag wins
+    assert settings["train"]["steps"] == 3
+    config.write_text("[adapter]\nrnak = 3\n")
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "other")]) == 2
+    assert "unknown keys ['rnak']" in capsys.readouterr().err
