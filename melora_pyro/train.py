@@ -8,7 +8,7 @@ Under ``accelerate launch`` / ``torchrun`` (more than one process) :func:`train`
 pick up the process's ``Accelerator`` themselves (:func:`launched_accelerator`): DDP synchronises the
 gradients, each process takes its own slice of every global batch, metrics are averaged (training)
 or gathered (evaluation) across processes, and rank 0 alone writes the log and the checkpoints.
-See docs/scaling.md.
+See the README, section "Scaling out".
 """
 from __future__ import annotations
 

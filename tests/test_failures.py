@@ -1,4 +1,4 @@
-"""Failure modes (docs/failure_modes.md): bad input gets a clear error, nothing is lost, nothing runs
+"""Failure modes (README, section "Failure modes"): bad input gets a clear error, nothing is lost, nothing runs
 that should not. Every case is checked for its message; CLI cases also for one line and the exit code."""
 from __future__ import annotations
 
