@@ -34,7 +34,6 @@ import copy
 import gc
 import io
 import json
-import math
 import os
 import platform
 import resource
@@ -956,7 +955,7 @@ def run(settings: Settings, out: Path, command: str) -> str:
     targets.append((f"`predict_proba`, N = {N}: <= {TARGET_SCORING} forward-equivalents per sample",
                     f"{pp:.3f}", verdict(pp, TARGET_SCORING), ""))
     targets.append((f"`Predictive`, N = {N}: <= {TARGET_SCORING} forward-equivalents per sample",
-                    f"{pr:.3f}", verdict(pr, TARGET_SCORING), f"Pyro's design: N + 2 model runs"))
+                    f"{pr:.3f}", verdict(pr, TARGET_SCORING), "Pyro's design: N + 2 model runs"))
     targets.append(("only the last position's logits computed", "yes" if last_only else "no",
                     "PASS" if last_only else "MISS", "forward hook on lm_head"))
 

@@ -20,7 +20,6 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from melora_pyro._atomic import atomic_write_text
 from melora_pyro.config import MeLoRAConfig
 from melora_pyro.methods import METHODS, build_method
 from melora_pyro.models import load_base_model

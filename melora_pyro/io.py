@@ -11,7 +11,6 @@ from torch import nn
 from ._atomic import atomic_write_bytes, atomic_write_text
 from .config import MeLoRAConfig
 from .errors import MeLoRAError
-from .layers import MeLoRALinear
 from .model import MeLoRAModel, _unbind_all
 
 TENSORS_FILE = "adapters.safetensors"

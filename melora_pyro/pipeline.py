@@ -17,8 +17,6 @@ from .plots import reliability_diagram
 from .runs import RunSettings, resolve_device, save_settings
 from .train import evaluate, launched_accelerator, wait_for_everyone
 
-METRIC_NAMES = ("acc", "ece", "nll", "brier")
-
 
 @dataclass
 class Task:
