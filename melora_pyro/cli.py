@@ -14,6 +14,7 @@ import shlex
 import sys
 import time
 import traceback
+import types
 import typing
 from pathlib import Path
 
@@ -117,8 +118,9 @@ def _add_settings_flags(parser) -> None:
 def _add_field_flag(parser, cls, f: dataclasses.Field, dest: str | None = None) -> None:
     """``--field-name`` for field ``f`` of dataclass ``cls``; an absent flag leaves the setting alone."""
     hint = typing.get_type_hints(cls)[f.name]
-    kind = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-    kind = typing.get_origin(kind) or kind
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kind = typing.get_origin(hint) or hint  # tuple[str, ...] -> tuple
     kwargs = dict(dest=dest or f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"(default: {f.default!r})"
                   if f.default is not dataclasses.MISSING else None)
     if kind is tuple:

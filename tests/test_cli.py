@@ -53,6 +53,16 @@ def test_existing_run_dir_is_not_overwritten(trained_run, capsys):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def test_tuple_and_optional_flags_parse():
+    from melora_pyro.cli import _parser, _settings
+
+    args = _parser().parse_args(["train", "--run-dir", "r", "--target-modules", "q_proj", "v_proj", "lm_head",
+                                 "--guide-lr", "0.01", "--train-limit", "5"])
+    settings = _settings(args)
+    assert settings.adapter.target_modules == ("q_proj", "v_proj", "lm_head")
+    assert settings.train.guide_lr == 0.01 and settings.train_limit == 5
+
+
 def test_toml_config_and_flags(tmp_path, stories, capsys):
     config = tmp_path / "run.toml"
     config.write_text('method = "map"\n[adapter]\nrank = 3\n[train]\nsteps = 2\n')
