@@ -303,32 +303,30 @@ def trainable(*modules) -> list[torch.Tensor]:
     return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
-def hand_step_fn(model, guide, batch, num_data=NUM_DATA):
-    """The hand-written step. Like ``SVI.step`` (and any loop that logs its loss) it returns the loss
-    as a Python float, so on a GPU every contender waits for its step to finish."""
+def _adam_step_fn(loss_fn, model, guide):
+    """A step of one ``torch.optim.Adam`` over every parameter on ``loss_fn()``. Like ``SVI.step`` (and
+    any loop that logs its loss) it returns the loss as a Python float, so on a GPU every contender
+    waits for its step to finish."""
     opt = torch.optim.Adam(trainable(model, guide), lr=LR)
 
     def step():
-        loss = hand_loss(model, guide, *batch, num_data)
+        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.item()
     return step, opt
+
+
+def hand_step_fn(model, guide, batch, num_data=NUM_DATA):
+    """The hand-written step (``hand_loss``, no Pyro)."""
+    return _adam_step_fn(lambda: hand_loss(model, guide, *batch, num_data), model, guide)
 
 
 def elbo_step_fn(model, guide, batch, num_data=NUM_DATA):
     """``FullWeightELBO().differentiable_loss`` + one ``torch.optim.Adam`` over every parameter."""
     elbo = FullWeightELBO()
-    opt = torch.optim.Adam(trainable(model, guide), lr=LR)
-
-    def step():
-        loss = elbo.differentiable_loss(model, guide, *batch, num_data)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
-    return step, opt
+    return _adam_step_fn(lambda: elbo.differentiable_loss(model, guide, *batch, num_data), model, guide)
 
 
 def svi_step_fn(model, guide, batch, num_data=NUM_DATA):
