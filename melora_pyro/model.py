@@ -1,6 +1,7 @@
 """``MeLoRAModel``: a transformers causal LM with Me-LoRA adapters, as a Pyro model."""
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ from ._params import pyro_param
 from .config import MeLoRAConfig
 from .layers import MeLoRALinear, inject_adapters
 from .priors import prior_from_config
+from .readouts import LetterReadout, as_readout
 
 
 class MeLoRAModel(nn.Module):
@@ -21,14 +23,19 @@ class MeLoRAModel(nn.Module):
 
     Calling the model is the Pyro model (use it with any guide of the ``guides`` package)::
 
-        model(input_ids, attention_mask=None, labels=None, num_data=None, choice_mask=None)
+        model(input_ids, attention_mask=None, labels=None, num_data=None, choice_mask=None, **readout_inputs)
 
     samples the stacked latent ``C`` (site ``"C"``, shape ``(L, r, r)`` in plate ``"adapters"``),
-    runs the base model computing only the last position's logits, records
-    ``probs`` (site ``"probs"``, ``(batch, K)``: the next-token distribution restricted to the K
-    label tokens) and observes ``labels`` (site ``"y"``) in ``pyro.plate("data", num_data)``.
-    Returns the label logits ``(batch, K)``. ``choice_mask`` ``(batch, K)`` bool marks the labels
-    each question offers (a 3-choice question among 5-choice ones); the others get probability 0.
+    binds the adapters, asks the readout for the K answer scores, records ``probs`` (site
+    ``"probs"``, ``(batch, K)``, their softmax) and observes ``labels`` (site ``"y"``) in
+    ``pyro.plate("data", num_data)``. Returns the scores ``(batch, K)``. ``choice_mask``
+    ``(batch, K)`` bool marks the choices each question offers (a 3-choice question among 5-choice
+    ones); the others get probability 0. ``readout_inputs`` are the readout's extra batch tensors
+    (the packed cloze layout, ``melora_pyro.packing.pack_batch``).
+
+    The readout (``melora_pyro.readouts``) says how scores are read: ``LetterReadout`` (the label
+    tokens' next-token logits at the last position; built from a list of label token ids) or
+    ``ClozeReadout`` (each choice's continuation log-likelihood, packed).
 
     A and B are stacked per shape group (layers with equal ``(n, m)`` share one ``(L_g, r, n)``
     tensor) so that a step touches a handful of Pyro sites however many layers are adapted.
@@ -36,22 +43,20 @@ class MeLoRAModel(nn.Module):
     Args:
         base_model: a transformers causal LM (its parameters are frozen); inputs must be left-padded.
         config: ``MeLoRAConfig``.
-        label_token_ids: the K vocabulary ids of the answer labels (distinct).
+        readout: a readout object, or the K vocabulary ids of the answer labels (distinct), which
+            means ``LetterReadout(ids)``.
         name: prefix of the Pyro parameter names.
     """
 
-    def __init__(self, base_model: nn.Module, config: MeLoRAConfig, label_token_ids: Sequence[int],
-                 name: str = "melora"):
+    def __init__(self, base_model: nn.Module, config: MeLoRAConfig, readout, name: str = "melora"):
         super().__init__()
         if any(isinstance(m, MeLoRALinear) for m in base_model.modules()):
             raise ValueError("base_model already carries Me-LoRA adapters; load a fresh copy of it")
         self.config, self.name = config, name
         self.base = base_model.requires_grad_(False)
-        self.label_token_ids = _check_label_ids(label_token_ids, _vocab_size(base_model))
-        # A device tensor: indexing with the Python list would copy it to the GPU every forward.
-        self.register_buffer("label_index", torch.tensor(self.label_token_ids,
-                                                         device=next(base_model.parameters()).device),
-                             persistent=False)
+        self.readout = as_readout(readout)
+        if isinstance(self.readout, LetterReadout):
+            _check_label_ids(self.readout.label_token_ids, _vocab_size(base_model))
         layers = inject_adapters(base_model, config.target_modules, config.rank, config.scaling,
                                  config.dropout)
         self.prior = prior_from_config(config)
@@ -84,8 +89,9 @@ class MeLoRAModel(nn.Module):
         return self.config.rank
 
     @property
-    def num_labels(self) -> int:
-        return len(self.label_token_ids)
+    def label_token_ids(self) -> list[int] | None:
+        """The label tokens of a letter readout; None for other readouts."""
+        return getattr(self.readout, "label_token_ids", None)
 
     def adapter_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Register A and B with Pyro; returns the per-group stacks ``A_g (L_g, r, n)``, ``B_g (L_g, m, r)``."""
@@ -104,10 +110,11 @@ class MeLoRAModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, num_data: int | None = None,
-                choice_mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch = _check_batch(input_ids, labels, self.num_labels)
+                choice_mask: torch.Tensor | None = None, **readout_inputs) -> torch.Tensor:
+        batch = _check_batch(input_ids, labels)
         A, B, C = self.sample_adapters()
-        logits = self.label_logits(input_ids, attention_mask, A, B, C)
+        logits = self.label_logits(input_ids, attention_mask, A, B, C, **readout_inputs)
+        _check_labels(labels, logits.shape[-1])
         if choice_mask is not None:
             logits = logits.masked_fill(~choice_mask, float("-inf"))
         # The batch is the subsample; its indices only fix the likelihood's scale num_data / batch.
@@ -126,18 +133,27 @@ class MeLoRAModel(nn.Module):
             C = pyro.sample("C", prior)
         return A, B, C
 
-    def label_logits(self, input_ids, attention_mask, A, B, C) -> torch.Tensor:
-        """Logits ``(batch, K)`` of the label tokens at the last position, adapters bound to (A, B, C)."""
+    def label_logits(self, input_ids, attention_mask, A, B, C, **readout_inputs) -> torch.Tensor:
+        """The readout's answer scores ``(batch, K)`` with the adapters bound to (A, B, C)."""
+        with self.bound(A, B, C):
+            return self.readout(self.base, input_ids, attention_mask, **readout_inputs)
+
+    @contextlib.contextmanager
+    def bound(self, A, B, C):
+        """Bind every adapted layer to its slice of ``(A, B, C)`` (as ``sample_adapters`` returns them)
+        for the duration of the block; the base model then computes ``W0 x + s B C A x``::
+
+            with model.bound(A, B, C):
+                logits = model.base(input_ids).logits
+        """
         BC = [b @ c for b, c in zip(B, C.split(self._group_sizes))]
         for layer, a, bc in zip(self._layers, _unbind_all(A), _unbind_all(BC)):
             layer.bound = (a, bc)
         try:
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
-                            use_cache=False)
+            yield self.base
         finally:
             for layer in self._layers:  # drop references so the graph can be freed
                 layer.bound = None
-        return out.logits[:, -1].index_select(-1, self.label_index).float()
 
 
 def _unbind_all(stacks):
@@ -160,14 +176,17 @@ def _check_label_ids(ids, vocab_size) -> list[int]:
     return ids
 
 
-def _check_batch(input_ids, labels, num_labels) -> int:
+def _check_batch(input_ids, labels) -> int:
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}")
     batch = input_ids.shape[0]
-    if labels is not None:
-        if labels.shape != (batch,):
-            raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        # Reading the range synchronises a GPU: checked under Pyro's validation (on by default).
-        if is_validation_enabled() and labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
-            raise ValueError(f"labels must lie in 0..{num_labels - 1}, got values {labels.unique().tolist()}")
+    if labels is not None and labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
     return batch
+
+
+def _check_labels(labels, num_labels: int) -> None:
+    # Reading the range synchronises a GPU: checked under Pyro's validation (on by default).
+    if labels is not None and is_validation_enabled() and labels.numel() and (
+            labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(f"labels must lie in 0..{num_labels - 1}, got values {labels.unique().tolist()}")
