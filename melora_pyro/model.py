@@ -106,8 +106,7 @@ class MeLoRAModel(nn.Module):
                 labels: torch.Tensor | None = None, num_data: int | None = None,
                 choice_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch = _check_batch(input_ids, labels, self.num_labels)
-        A, B, C = self.sample_adapters()
-        logits = self.label_logits(input_ids, attention_mask, A, B, C)
+        logits = self.label_logits(input_ids, attention_mask, *self.sample_adapters())
         if choice_mask is not None:
             logits = logits.masked_fill(~choice_mask, float("-inf"))
         # The batch is the subsample; its indices only fix the likelihood's scale num_data / batch.
@@ -126,11 +125,14 @@ class MeLoRAModel(nn.Module):
             C = pyro.sample("C", prior)
         return A, B, C
 
-    def label_logits(self, input_ids, attention_mask, A, B, C) -> torch.Tensor:
-        """Logits ``(batch, K)`` of the label tokens at the last position, adapters bound to (A, B, C)."""
+    def label_logits(self, input_ids, attention_mask, A, B, C, noise=None) -> torch.Tensor:
+        """Logits ``(batch, K)`` of the label tokens at the last position, adapters bound to (A, B, C);
+        ``noise``: optional Flipout noise stacks shaped like ``A`` (then ``A`` is the mean, see
+        ``melora_pyro.flipout``)."""
         BC = [b @ c for b, c in zip(B, C.split(self._group_sizes))]
-        for layer, a, bc in zip(self._layers, _unbind_all(A), _unbind_all(BC)):
-            layer.bound = (a, bc)
+        noises = _unbind_all(noise) if noise is not None else [None] * len(self._layers)
+        for layer, a, bc, e in zip(self._layers, _unbind_all(A), _unbind_all(BC), noises):
+            layer.bound = (a, bc) if e is None else (a, bc, e)
         try:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
                             use_cache=False)
