@@ -107,9 +107,18 @@ def _fresh_base(base_model: BaseSource) -> nn.Module:
     return base_model if isinstance(base_model, nn.Module) else base_model()
 
 
+def _zero_b(model: MeLoRAModel) -> MeLoRAModel:
+    """peft's LoRA start ``B = 0`` (the reference baselines'); Me-LoRA keeps ``B ~ N(0, init_b_std^2)``,
+    which its full-weight KL needs."""
+    with torch.no_grad():
+        for b in model.lora_B:
+            b.zero_()
+    return model
+
+
 def _point(base_model, config, ids, weight_decay: float, seed: int, name: str, dropout_at_test=False) -> PointMethod:
     def build():
-        model = MeLoRAModel(_fresh_base(base_model), config, ids, name=name)
+        model = _zero_b(MeLoRAModel(_fresh_base(base_model), config, ids, name=name))
         return PointMethod(model, IdentityGuide(model), train_overrides={"weight_decay": weight_decay},
                            dropout_at_test=dropout_at_test, name=name)
     return _seeded(seed, build)
@@ -149,7 +158,7 @@ def _laplace(base_model, config, ids, options):
 def _blob(base_model, config, ids, options):
     """BLoB's two-optimiser scheme (``baselines.BLoBUpdate``)."""
     def build():
-        model = BLoBModel(_fresh_base(base_model), config, ids)
+        model = _zero_b(BLoBModel(_fresh_base(base_model), config, ids))
         guide = BLoBGuide(model, **_picked(options, "eps"))
         update = BLoBUpdate(model, guide, **_picked(options, "kl_lr", "kl_reweighting", "dataset_rescaling"))
         return BLoBMethod(model, guide, elbo=BLoBNLLELBO(), update=update, name="blob",
@@ -160,7 +169,7 @@ def _blob(base_model, config, ids, options):
 def _blob_adamw(base_model, config, ids, options):
     """BLoB's model, guide and Flipout with the re-weighted ELBO in the shared loop's one AdamW."""
     def build():
-        model = BLoBModel(_fresh_base(base_model), config, ids, name="blob_adamw")
+        model = _zero_b(BLoBModel(_fresh_base(base_model), config, ids, name="blob_adamw"))
         guide = BLoBGuide(model, **_picked(options, "eps"))
         elbo = BLoBELBO() if options.get("kl_reweighting", True) else BLoBELBO(kl_weight=lambda *_: 1.0)
         return BLoBMethod(model, guide, elbo=elbo, name="blob-adamw",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from melora_pyro import MeLoRAConfig
+from melora_pyro.errors import ConfigError
 from melora_pyro.baselines import blob_kl_cycle, blob_pi
 from melora_pyro.flipout import flipout, flipout_perturbation
 from melora_pyro.methods import build_method
@@ -45,6 +46,9 @@ def test_linear_schedule_is_the_reference_warmup_then_decay():
     # whole epochs: 40 examples / batch 8 = 5 steps per epoch; 12 steps -> 3 epochs
     assert total_steps(TrainConfig(steps=12, batch_size=4, grad_accum=2, whole_epochs=True), 40, 1) == 15
     assert total_steps(TrainConfig(steps=12, batch_size=4), 40, 1) == 12
+    for bad in ({"lr_schedule": "cosine"}, {"warmup_ratio": 1.0}, {"adam_eps": 0.0}, {"whole_epochs": 1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            TrainConfig(**bad)
 
 
 def test_kl_cycle_length_and_weights():
