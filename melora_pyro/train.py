@@ -252,7 +252,8 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
           config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
           elbo: FullWeightELBO | None = None, accelerator=None, progress: bool = True,
           update: UpdateRule | None = None) -> list[dict]:
-    """Maximise the ELBO of ``model`` / ``guide`` on ``examples`` for ``config.steps`` steps.
+    """Maximise the ELBO of ``model`` / ``guide`` on ``examples`` for ``config.steps`` steps (rounded up
+    to whole epochs with ``config.whole_epochs``).
 
     Args:
         examples: the training set (any sequence); ``collate(list_of_examples)`` makes a batch.

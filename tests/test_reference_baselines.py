@@ -215,3 +215,18 @@ def test_glm_logit_covariance_is_j_sigma_jt_by_brute_force():
     assert torch.allclose(fd[finite], jv[finite], rtol=1e-2, atol=1e-6)
     probs = method.predict(batch, num_samples=1)  # GLM: Monte Carlo over the logits
     assert torch.allclose(probs.sum(-1), torch.ones(3), atol=1e-5) and probs[-1, 2] == 0
+
+
+def test_reference_defaults_of_the_baselines():
+    """The scripts' settings: MAP weight decay 1e-5, ensemble and BLoB 0, peft's B = 0, BLoB's SGD lr 0.01
+    and std parameter G in [eps / sqrt 2, eps], eps 0.05."""
+    assert build_method("map", tiny_llama, CONFIG, LABEL_IDS).train_overrides["weight_decay"] == 1e-5
+    ensemble = build_method("ensemble", tiny_llama, CONFIG, LABEL_IDS, ensemble_size=1)
+    assert ensemble.members[0].train_overrides["weight_decay"] == 0.0 and ensemble.aggregate == "logits"
+    blob = build_method("blob", tiny_llama, CONFIG, LABEL_IDS)
+    assert blob.train_overrides["weight_decay"] == 0.0 and blob.update.kl_lr == 0.01
+    G = torch.cat([g.detach().flatten() for g in blob.guide.sqrt_scale])
+    assert G.min() >= 0.05 / math.sqrt(2) and G.max() <= 0.05
+    for method in (blob, ensemble.members[0], build_method("laplace", tiny_llama, CONFIG, LABEL_IDS).map):
+        assert all((b == 0).all() for b in method.model.lora_B)
+    assert build_method("laplace", tiny_llama, CONFIG, LABEL_IDS).predictive == "glm"
