@@ -47,7 +47,9 @@ class Profile:
 
     ``top_layers``: adapt only the q_proj / v_proj of the top ``top_layers`` decoder layers (plus
     ``lm_head`` if listed in ``extra_targets``) and cache the frozen layers below them per prompt
-    (:class:`PrefixCachedLM`); ``None`` adapts every layer and caches nothing.
+    (:class:`PrefixCachedLM`); ``None`` adapts every layer and caches nothing. ``schedule`` holds the
+    ``(field, value)`` pairs of ``TrainConfig``, the optimisation recipe (``lr_schedule``, ``warmup_ratio``,
+    ``adam_eps``, ``whole_epochs``); empty: the ``TrainConfig`` defaults (constant learning rate).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Profile:
     device: str = "cpu"
     dtype: str = "float32"
     notes: str = ""
+    schedule: tuple[tuple[str, object], ...] = ()
 
     def describe(self) -> str:
         layers = f"top {self.top_layers} layers" if self.top_layers else "all layers"
@@ -79,8 +82,11 @@ class Profile:
                 f"{self.eval_samples} eval samples, seeds {list(self.seeds)}, "
                 f"train/test limits {self.train_limit}/{self.test_limit}, max_length {self.max_length}"
                 + (f", Laplace curvature on {self.fisher_examples} training examples" if self.fisher_examples else "")
+                + (f", {', '.join(f'{k} {v}' for k, v in self.schedule)}" if self.schedule else "")
                 + (f". {self.notes}" if self.notes else ""))
 
+
+PAPER_SCHEDULE = (("lr_schedule", "linear"), ("warmup_ratio", 0.06), ("adam_eps", 1e-6), ("whole_epochs", True))
 
 PROFILES = {
     "cpu-small": Profile(
@@ -92,10 +98,14 @@ PROFILES = {
               "computed once per prompt and cached), seeded subsets of the splits (one epoch of training), "
               "lr raised from BLoB's 1e-4 to 1e-3 for the 50-step budget."),
     "paper": Profile(
-        name="paper", model="smollm2-135m", rank=8, alpha=16, lr=1e-4, batch_size=4, steps=5000,
+        name="paper", model="smollm2-135m", rank=8, alpha=16, lr=1e-4, batch_size=8, steps=2500,
         eval_samples=10, seeds=(1, 2, 3), train_limit=None, test_limit=None, max_length=512, top_layers=None,
-        device="cuda", notes="BLoB's protocol (DESIGN.md section 5) for GPU users; BLoB used LLaMA2-7B "
-                             "(pass --model with a local checkpoint or hub id, --dtype bfloat16)."),
+        device="cuda", schedule=PAPER_SCHEDULE,
+        notes="BLoB's protocol (DESIGN.md section 5, docs/baselines.md) for GPU users: its scripts' "
+              "--max-train-steps 5000 --batch-size 4 on 2 processes are 2500 optimiser steps of 8 examples "
+              "(accelerate steps the scheduler once per process), 6% warmup then linear decay, Adam eps 1e-6, "
+              "whole epochs; BLoB used LLaMA2-7B (pass --model with a local checkpoint or hub id, "
+              "--dtype bfloat16)."),
 }
 
 
@@ -232,7 +242,7 @@ def run_method(name: str, train: Sequence, tests: dict[str, Sequence], profile: 
     config = adapter_config(profile, bases.num_layers)
     method = build_method(name, bases.factory, config, ids, **method_options(name, profile, seed), **(options or {}))
     train_config = TrainConfig(steps=profile.steps, batch_size=profile.batch_size, lr=profile.lr, seed=seed,
-                               log_every=max(profile.steps // 10, 1))
+                               log_every=max(profile.steps // 10, 1), **dict(profile.schedule))
     start = time.time()
     history = method.fit(train, collate, train_config)
     record = {"adapter_state": method.adapter_state(), "train_seconds": time.time() - start,

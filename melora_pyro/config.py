@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 KL_KINDS = ("full_weight", "elementwise")
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,10 @@ def check_train_config(config) -> None:
         "log_every": (_is_int(config.log_every) and config.log_every >= 1, "a positive integer"),
         "checkpoint_every": (_is_int(config.checkpoint_every) and config.checkpoint_every >= 0,
                              "an integer >= 0 (0: only at the end)"),
+        "lr_schedule": (config.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
+        "warmup_ratio": (_is_number(config.warmup_ratio) and 0 <= config.warmup_ratio < 1, "a number in [0, 1)"),
+        "adam_eps": (_is_number(config.adam_eps) and config.adam_eps > 0, "a positive number"),
+        "whole_epochs": (isinstance(config.whole_epochs, bool), "true or false"),
     }
     for name, (ok, expected) in checks.items():
         if not ok:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .flipout import flipout_perturbation
 
 
 class MeLoRALinear(nn.Module):
@@ -13,6 +14,8 @@ class MeLoRALinear(nn.Module):
     The adapter tensors are not owned here: the model binds, before each forward, this layer's
     ``A (r, n)`` and ``BC = B @ C (m, r)`` slices of its stacked parameters and sampled C, so all
     layers share one Pyro sample site. ``dropout`` acts on the adapter input, as in peft.
+    ``bound`` may carry a third tensor, Flipout noise ``E (r, n)``: then ``A`` is the mean and the layer
+    adds ``s BC (((x o r) E^T) o s')`` with fresh signs per example and token (``melora_pyro.flipout``).
     """
 
     def __init__(self, base: nn.Linear, scaling: float, dropout: float = 0.0):
@@ -20,7 +23,7 @@ class MeLoRALinear(nn.Module):
         self.base = base
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.bound: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bound: tuple[torch.Tensor, ...] | None = None
 
     @property
     def in_features(self) -> int:
@@ -34,8 +37,12 @@ class MeLoRALinear(nn.Module):
         if self.bound is None:
             raise RuntimeError("MeLoRALinear called outside MeLoRAModel.forward: no adapter bound "
                                "(call the MeLoRAModel, or export with melora_pyro.merge_adapters)")
-        A, BC = self.bound
-        update = (self.dropout(x).to(A.dtype) @ A.mT) @ BC.mT
+        A, BC, *noise = self.bound
+        x_in = self.dropout(x).to(A.dtype)
+        low_rank = x_in @ A.mT
+        if noise:
+            low_rank = low_rank + flipout_perturbation(x_in, noise[0])
+        update = low_rank @ BC.mT
         return self.base(x) + (self.scaling * update).to(x.dtype)
 
 

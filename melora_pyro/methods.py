@@ -13,16 +13,19 @@ name                        what                                                
 ==========================  ================================================================  =============================
 ``zero-shot``               the base model, no adapters (``baselines.ZeroShotMethod``)          0
 ``mle``                     plain LoRA (``guides.IdentityGuide``, C = I), weight decay 0       r n + r m
-``map``                     plain LoRA, AdamW weight decay ``MAP_WEIGHT_DECAY`` = 1e-2         r n + r m
+``map``                     plain LoRA, AdamW weight decay ``MAP_WEIGHT_DECAY`` = 1e-5         r n + r m
 ``mcdropout``               plain LoRA (MLE) with adapter-input dropout 0.1, kept on at test;  r n + r m
                             prediction = mean over ``num_samples`` dropout masks
-``ensemble``                3 independently initialised ``map`` adapters (seeds seed+k),       3 (r n + r m)
-                            prediction = mean of the members' probabilities
-``laplace``                 post-hoc diagonal Laplace over A, B of a ``map`` adapter            r n + r m (+ as many
-                            (``baselines.laplace``: exact GGN diagonal, prior precision by     curvature numbers after
-                            marginal likelihood, Monte Carlo predictive)                        training)
-``blob``                    BLoB: latent A ~ N(M, G^4), prior N(0, 0.2^2), KL re-weighting,    2 r n + r m
-                            C = I, no Flipout (``baselines.blob``)
+``ensemble``                3 plain LoRA adapters, initialised with seeds seed+k, weight      3 (r n + r m)
+                            decay 0, trained on the same batches; prediction = softmax of
+                            the mean of the members' label logits
+``laplace``                 post-hoc diagonal Laplace over A, B of a ``map`` adapter          r n + r m (+ as many
+                            (``baselines.laplace``: exact GGN diagonal, prior precision by    curvature numbers after
+                            marginal likelihood, linearised (GLM) predictive)                 training)
+``blob``                    BLoB as its code runs it: latent A ~ N(M, G^4), prior             2 r n + r m
+                            N(0, 0.2^2), Flipout, C = I; AdamW on the mean NLL, then SGD
+                            on pi_i KL (``baselines.blob``)
+``blob-adamw``              BLoB's model and Flipout, the re-weighted ELBO in one AdamW       2 r n + r m
 ``melora``                  Me-LoRA, mean-field q(C), full-weight KL, no prior noise           r n + r m + 2 r^2
 ``melora-elementwise``      Me-LoRA with the elementwise KL on C                               r n + r m + 2 r^2
 ``melora-noise``            Me-LoRA, full-weight KL, randomised prior std sigma_p + U(0, eta)  r n + r m + 2 r^2
@@ -44,15 +47,16 @@ from torch import nn
 
 from guides import IdentityGuide, MeanFieldGuide
 
-from .baselines import (BLoBELBO, BLoBGuide, BLoBModel, DiagonalGuide, DiagonalMeLoRAModel, EnsembleMethod,
-                        LaplaceMethod, PointMethod, PyroMethod, ZeroShotMethod)
+from .baselines import (BLoBELBO, BLoBGuide, BLoBMethod, BLoBModel, BLoBNLLELBO, BLoBUpdate, DiagonalGuide,
+                        DiagonalMeLoRAModel, EnsembleMethod, LaplaceMethod, PointMethod, PyroMethod, ZeroShotMethod)
 from .config import MeLoRAConfig
 from .model import MeLoRAModel
 from .readouts import as_readout
 
-METHODS = ("zero-shot", "mle", "map", "mcdropout", "ensemble", "laplace", "blob",
+METHODS = ("zero-shot", "mle", "map", "mcdropout", "ensemble", "laplace", "blob", "blob-adamw",
            "melora", "melora-elementwise", "melora-noise", "melora-diag")
-MAP_WEIGHT_DECAY = 1e-2       # AdamW's decoupled weight decay on A and B for map / ensemble / laplace
+MAP_WEIGHT_DECAY = 1e-5       # AdamW's decoupled weight decay on A and B for map / laplace (BLoB's map scripts)
+ENSEMBLE_WEIGHT_DECAY = 0.0   # the deep-ensemble scripts set none
 MC_DROPOUT = 0.1              # adapter-input dropout of mcdropout, in training and at test
 ENSEMBLE_SIZE = 3
 DEFAULT_PRIOR_NOISE = 0.05    # eta of melora-noise when config.prior_noise is 0
@@ -72,14 +76,18 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
     Options (all optional):
         seed (0): seed of the adapter initialisation (ensemble member k uses ``seed + k``); the global
             RNG is left untouched.
-        weight_decay: for ``map`` / ``ensemble`` / ``laplace`` (default ``MAP_WEIGHT_DECAY``).
+        weight_decay: for ``map`` / ``laplace`` (default ``MAP_WEIGHT_DECAY``), ``ensemble``
+            (``ENSEMBLE_WEIGHT_DECAY``), ``blob`` / ``blob-adamw`` (0).
         dropout: for ``mcdropout`` (default ``MC_DROPOUT``).
-        ensemble_size: for ``ensemble`` (default 3).
+        ensemble_size, aggregate: for ``ensemble`` (default 3, ``"logits"``; ``"probs"`` averages
+            probabilities).
         prior_noise: for ``melora-noise`` (default ``config.prior_noise`` or 0.05).
         init_scale: initial std of the variational guides (default 1e-2).
-        kl_reweighting: for ``blob``, BLoB's KL schedule (default True; False: the plain ELBO).
-        prior_precision, fisher, max_fisher_examples, val_examples, val_samples: for ``laplace``
-            (see ``baselines.LaplaceMethod``).
+        eps: for ``blob`` / ``blob-adamw``, the std parameter's initial scale (``BLOB_EPS``).
+        kl_lr, kl_reweighting, dataset_rescaling: for ``blob`` (see ``baselines.BLoBUpdate``).
+        kl_reweighting: for ``blob-adamw`` (default True; False: the plain ELBO, KL weight 1).
+        prior_precision, fisher, max_fisher_examples, val_examples, val_samples, predictive, glm_samples:
+            for ``laplace`` (see ``baselines.LaplaceMethod``).
     Returns an object with ``fit``, ``predict``, ``adapter_state`` (``PyroMethod``, ``EnsembleMethod``
     or ``LaplaceMethod``). Raises ``ValueError`` for an unknown name or option.
     """
@@ -103,9 +111,18 @@ def _fresh_base(base_model: BaseSource) -> nn.Module:
     return base_model if isinstance(base_model, nn.Module) else base_model()
 
 
+def _zero_b(model: MeLoRAModel) -> MeLoRAModel:
+    """peft's LoRA start ``B = 0`` (the reference baselines'); Me-LoRA keeps ``B ~ N(0, init_b_std^2)``,
+    which its full-weight KL needs."""
+    with torch.no_grad():
+        for b in model.lora_B:
+            b.zero_()
+    return model
+
+
 def _point(base_model, config, ids, weight_decay: float, seed: int, name: str, dropout_at_test=False) -> PointMethod:
     def build():
-        model = MeLoRAModel(_fresh_base(base_model), config, ids, name=name)
+        model = _zero_b(MeLoRAModel(_fresh_base(base_model), config, ids, name=name))
         return PointMethod(model, IdentityGuide(model), train_overrides={"weight_decay": weight_decay},
                            dropout_at_test=dropout_at_test, name=name)
     return _seeded(seed, build)
@@ -128,26 +145,44 @@ def _ensemble(base_model, config, ids, options):
     if isinstance(base_model, nn.Module):
         raise ValueError("method 'ensemble' needs one base model per member: pass a zero-argument "
                          "factory (base_factory) instead of a model")
-    seed, decay = options.get("seed", 0), options.get("weight_decay", MAP_WEIGHT_DECAY)
+    seed, decay = options.get("seed", 0), options.get("weight_decay", ENSEMBLE_WEIGHT_DECAY)
     members = [_point(base_model, config, ids, decay, seed + k, f"ensemble.{k}")
                for k in range(options.get("ensemble_size", ENSEMBLE_SIZE))]
-    return EnsembleMethod(members)
+    return EnsembleMethod(members, **{"aggregate": options["aggregate"]} if "aggregate" in options else {})
 
 
 def _laplace(base_model, config, ids, options):
     map_method = _point(base_model, config, ids, options.get("weight_decay", MAP_WEIGHT_DECAY),
                         options.get("seed", 0), "laplace")
-    keys = ("prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples")
+    keys = ("prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples", "predictive",
+            "glm_samples")
     return LaplaceMethod(map_method, **{k: options[k] for k in keys if k in options})
 
 
 def _blob(base_model, config, ids, options):
+    """BLoB's two-optimiser scheme (``baselines.BLoBUpdate``)."""
     def build():
-        model = BLoBModel(_fresh_base(base_model), config, ids)
-        elbo = BLoBELBO() if options.get("kl_reweighting", True) else None
-        guide = BLoBGuide(model, **{"eps": options["eps"]} if "eps" in options else {})
-        return PyroMethod(model, guide, elbo=elbo, name="blob")
+        model = _zero_b(BLoBModel(_fresh_base(base_model), config, ids))
+        guide = BLoBGuide(model, **_picked(options, "eps"))
+        update = BLoBUpdate(model, guide, **_picked(options, "kl_lr", "kl_reweighting", "dataset_rescaling"))
+        return BLoBMethod(model, guide, elbo=BLoBNLLELBO(), update=update, name="blob",
+                          train_overrides={"weight_decay": options.get("weight_decay", 0.0)})
     return _seeded(options.get("seed", 0), build)
+
+
+def _blob_adamw(base_model, config, ids, options):
+    """BLoB's model, guide and Flipout with the re-weighted ELBO in the shared loop's one AdamW."""
+    def build():
+        model = _zero_b(BLoBModel(_fresh_base(base_model), config, ids, name="blob_adamw"))
+        guide = BLoBGuide(model, **_picked(options, "eps"))
+        elbo = BLoBELBO() if options.get("kl_reweighting", True) else BLoBELBO(kl_weight=lambda *_: 1.0)
+        return BLoBMethod(model, guide, elbo=elbo, name="blob-adamw",
+                          train_overrides={"weight_decay": options.get("weight_decay", 0.0)})
+    return _seeded(options.get("seed", 0), build)
+
+
+def _picked(options: dict, *keys) -> dict:
+    return {k: options[k] for k in keys if k in options}
 
 
 def _variational(model_class, guide_class, name, **pinned):
@@ -173,15 +208,17 @@ def _zero_shot(base_model, config, readout, options):
 
 
 _GUIDE_OPTIONS = ("init_scale",)
-_LAPLACE_OPTIONS = ("weight_decay", "prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples")
+_LAPLACE_OPTIONS = ("weight_decay", "prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples",
+                    "predictive", "glm_samples")
 _BUILDERS = {
     "zero-shot": (_zero_shot, ()),
     "mle": (_mle, ()),
     "map": (_map, ("weight_decay",)),
     "mcdropout": (_mcdropout, ("dropout",)),
-    "ensemble": (_ensemble, ("weight_decay", "ensemble_size")),
+    "ensemble": (_ensemble, ("weight_decay", "ensemble_size", "aggregate")),
     "laplace": (_laplace, _LAPLACE_OPTIONS),
-    "blob": (_blob, ("kl_reweighting", "eps")),
+    "blob": (_blob, ("eps", "weight_decay", "kl_lr", "kl_reweighting", "dataset_rescaling")),
+    "blob-adamw": (_blob_adamw, ("eps", "weight_decay", "kl_reweighting")),
     "melora": (_variational(MeLoRAModel, MeanFieldGuide, "melora", kl="full_weight", prior_noise=0.0),
                _GUIDE_OPTIONS),
     "melora-elementwise": (_variational(MeLoRAModel, MeanFieldGuide, "melora-elementwise", kl="elementwise",

@@ -112,8 +112,7 @@ class MeLoRAModel(nn.Module):
                 labels: torch.Tensor | None = None, num_data: int | None = None,
                 choice_mask: torch.Tensor | None = None, **readout_inputs) -> torch.Tensor:
         batch = _check_batch(input_ids, labels)
-        A, B, C = self.sample_adapters()
-        logits = self.label_logits(input_ids, attention_mask, A, B, C, **readout_inputs)
+        logits = self.label_logits(input_ids, attention_mask, *self.sample_adapters(), **readout_inputs)
         _check_labels(labels, logits.shape[-1])
         if choice_mask is not None:
             logits = logits.masked_fill(~choice_mask, float("-inf"))
@@ -133,22 +132,27 @@ class MeLoRAModel(nn.Module):
             C = pyro.sample("C", prior)
         return A, B, C
 
-    def label_logits(self, input_ids, attention_mask, A, B, C, **readout_inputs) -> torch.Tensor:
-        """The readout's answer scores ``(batch, K)`` with the adapters bound to (A, B, C)."""
-        with self.bound(A, B, C):
+    def label_logits(self, input_ids, attention_mask, A, B, C, noise=None, **readout_inputs) -> torch.Tensor:
+        """The readout's answer scores ``(batch, K)`` with the adapters bound to (A, B, C) (and Flipout
+        ``noise``, see :meth:`bound`)."""
+        with self.bound(A, B, C, noise):
             return self.readout(self.base, input_ids, attention_mask, **readout_inputs)
 
     @contextlib.contextmanager
-    def bound(self, A, B, C):
+    def bound(self, A, B, C, noise=None):
         """Bind every adapted layer to its slice of ``(A, B, C)`` (as ``sample_adapters`` returns them)
         for the duration of the block; the base model then computes ``W0 x + s B C A x``::
 
-            with model.bound(A, B, C):
+            with model.bound(*model.sample_adapters()):
                 logits = model.base(input_ids).logits
+
+        ``noise``: optional Flipout noise stacks shaped like ``A`` (then ``A`` is the mean, see
+        ``melora_pyro.flipout``).
         """
         BC = [b @ c for b, c in zip(B, C.split(self._group_sizes))]
-        for layer, a, bc in zip(self._layers, _unbind_all(A), _unbind_all(BC)):
-            layer.bound = (a, bc)
+        noises = _unbind_all(noise) if noise is not None else [None] * len(self._layers)
+        for layer, a, bc, e in zip(self._layers, _unbind_all(A), _unbind_all(BC), noises):
+            layer.bound = (a, bc) if e is None else (a, bc, e)
         try:
             yield self.base
         finally:

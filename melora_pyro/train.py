@@ -42,7 +42,14 @@ class TrainConfig:
     """Optimisation settings. ``lr``/``guide_lr`` are AdamW learning rates; ``weight_decay`` acts
     on A and B only (the MAP reading of a Gaussian prior on them); the global batch is
     ``batch_size * grad_accum * num_processes`` examples per step (``batch_size`` per process and
-    micro-step)."""
+    micro-step).
+
+    ``lr_schedule``: ``"constant"`` (default) or ``"linear"``: the learning rates rise linearly from 0
+    over the first ``warmup_ratio * steps`` steps, then fall linearly to 0 at ``steps`` (the reference
+    code's ``get_linear_schedule_with_warmup``: step k, 1-based, uses the factor at k - 1).
+    ``adam_eps``: AdamW's epsilon (the reference code: 1e-6). ``whole_epochs``: train on to the end of
+    the epoch in which ``steps`` falls (the reference rounds up to whole epochs; the schedule still ends
+    at ``steps``, so with ``"linear"`` the extra steps have learning rate 0)."""
 
     steps: int = 300
     batch_size: int = 4
@@ -54,6 +61,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
+    lr_schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    adam_eps: float = 1e-8
+    whole_epochs: bool = False
 
     def __post_init__(self):
         check_train_config(self)  # types and ranges of every field; raises errors.ConfigError
@@ -98,7 +109,51 @@ def make_optimizer(model: nn.Module, guide: nn.Module, config: TrainConfig) -> t
     guide_params = [p for p in guide.parameters() if p.requires_grad]
     if guide_params:
         groups.append({"params": guide_params, "weight_decay": 0.0, "lr": config.guide_lr or config.lr})
-    return torch.optim.AdamW(groups, lr=config.lr, foreach=True)
+    return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps, foreach=True)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The schedule's multiplier of the base learning rates for the step after ``step`` completed ones."""
+    if config.lr_schedule == "constant":
+        return 1.0
+    warmup = config.steps * config.warmup_ratio
+    if step < warmup:
+        return step / max(1.0, warmup)
+    return max(0.0, (config.steps - step) / max(1.0, config.steps - warmup))
+
+
+def total_steps(config: TrainConfig, num_examples: int, num_processes: int) -> int:
+    """``config.steps``, or with ``whole_epochs`` rounded up to a whole number of epochs of
+    ``ceil(num_examples / global batch)`` steps."""
+    if not config.whole_epochs:
+        return config.steps
+    per_epoch = math.ceil(num_examples / (config.batch_size * config.grad_accum * num_processes))
+    return math.ceil(config.steps / per_epoch) * per_epoch
+
+
+class UpdateRule:
+    """The optimiser of a run and how a step applies the accumulated gradients.
+
+    :func:`train` calls ``make_optimizer`` once (that optimiser is the one checkpointed and prepared by
+    ``accelerate``) and ``step`` once per step, after the loss's backward pass(es) and with the
+    learning rates already scheduled. A method with another update (BLoB's second optimiser on the
+    KL, ``baselines.blob``) overrides these two methods; anything else it keeps must be a function of
+    ``step`` so that ``resume`` stays exact.
+    """
+
+    def make_optimizer(self, model: nn.Module, guide: nn.Module, config: TrainConfig, num_data: int,
+                       num_processes: int) -> torch.optim.Optimizer:
+        return make_optimizer(model, guide, config)
+
+    def step(self, optimizer: torch.optim.Optimizer, step: int, lr_factor: float) -> None:
+        """Apply step ``step`` (1-based); ``lr_factor``: the schedule's multiplier for it."""
+        optimizer.step()
+
+
+def _schedule(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's learning rate to its base rate (``initial_lr``) times ``factor``."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
 
 
 class BatchOrder:
@@ -197,8 +252,10 @@ def _apply_mixed_precision(model: nn.Module, guide: nn.Module, accelerator) -> N
 
 def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Callable[[list], Batch],
           config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False,
-          elbo: FullWeightELBO | None = None, accelerator=None, progress: bool = True) -> list[dict]:
-    """Maximise the ELBO of ``model`` / ``guide`` on ``examples`` for ``config.steps`` steps.
+          elbo: FullWeightELBO | None = None, accelerator=None, progress: bool = True,
+          update: UpdateRule | None = None) -> list[dict]:
+    """Maximise the ELBO of ``model`` / ``guide`` on ``examples`` for ``config.steps`` steps (rounded up
+    to whole epochs with ``config.whole_epochs``).
 
     Args:
         examples: the training set (any sequence); ``collate(list_of_examples)`` makes a batch.
@@ -212,6 +269,7 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
             (the processes share the RNG seed, hence draw the same C). ``grad_accum`` micro-steps run
             under ``no_sync`` but the last. With ``mixed_precision`` bf16/fp16 the frozen base is cast
             to it; adapters, guide, KL and optimiser stay float32. Rank 0 alone writes files.
+        update: the optimiser and its step (:class:`UpdateRule`, the default: one AdamW).
     Returns the logged records ``{"step", "loss", "nll", "kl", "acc"}`` (averaged over processes).
     """
     accelerator = _resolve_accelerator(accelerator)
@@ -222,8 +280,10 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
     if accelerator:
         _apply_mixed_precision(model, guide, accelerator)
     module = ELBOModule(model, guide, elbo)
-    optimizer = make_optimizer(model, guide, config)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    update = update or UpdateRule()
+    optimizer = update.make_optimizer(model, guide, config, len(examples), world)
+    last_step = total_steps(config, len(examples), world)
     order = BatchOrder(len(examples), config.batch_size * world, config.seed)
     step, history = 0, []
     log_file = Path(run_dir) / "train_log.jsonl" if run_dir is not None else None
@@ -235,9 +295,11 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
             step = load_training_state(checkpoint, model, guide, optimizer, order)
         if rank == 0:
             _truncate_log(log_file, step)
+    for group in optimizer.param_groups:  # the schedule's base rates (a checkpoint restores its own)
+        group.setdefault("initial_lr", group["lr"])
     wrapped, optimizer = (accelerator.prepare(module, optimizer) if accelerator else (module, optimizer))
-    bar = tqdm(total=config.steps, initial=step, disable=not progress or rank != 0, desc="train")
-    while step < config.steps:
+    bar = tqdm(total=last_step, initial=step, disable=not progress or rank != 0, desc="train")
+    while step < last_step:
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "nll": 0.0, "kl": 0.0, "acc": 0.0}
         for micro in range(config.grad_accum):
@@ -254,7 +316,10 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
         if config.max_grad_norm:
             (accelerator.clip_grad_norm_ if accelerator else torch.nn.utils.clip_grad_norm_)(
                 module.parameters(), config.max_grad_norm)
-        optimizer.step()
+        factor = lr_factor(step, config)
+        if config.lr_schedule != "constant":
+            _schedule(optimizer, factor)
+        update.step(optimizer, step + 1, factor)
         step += 1
         # Synchronised gradients keep the parameters identical on every rank: a local check suffices.
         _check_finite(step, None, **{name: p for name, p in module.named_parameters() if p.requires_grad})
@@ -268,7 +333,7 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
         if log_file is not None and rank == 0:
             with open(log_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        if run_dir is not None and (step == config.steps or (config.checkpoint_every
+        if run_dir is not None and (step == last_step or (config.checkpoint_every
                                                               and step % config.checkpoint_every == 0)):
             if rank == 0:
                 save_training_state(run_dir, step, model, guide, optimizer, order,

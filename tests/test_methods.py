@@ -6,8 +6,8 @@ import torch
 from torch.distributions import kl_divergence
 
 from melora_pyro import FullWeightELBO, MeLoRAConfig
-from melora_pyro.baselines import (BLoBELBO, DiagonalFullWeightNormal, blob_kl_weight, diagonal_full_weight_kl,
-                                   diagonal_full_weight_kl_terms)
+from melora_pyro.baselines import (BLoBELBO, DiagonalFullWeightNormal, blob_kl_cycle, blob_kl_weight, blob_pi,
+                                   diagonal_full_weight_kl, diagonal_full_weight_kl_terms)
 from melora_pyro.methods import METHODS, build_method
 from melora_pyro.models import tiny_llama
 from melora_pyro.train import TrainConfig
@@ -36,7 +36,7 @@ def collate(examples):
 
 def _expected_state(name, L_q=2, L_v=2, r=2, n=32, m_q=32, m_v=16):
     lora = L_q * (r * n + r * m_q) + L_v * (r * n + r * m_v)
-    extra = {"blob": (L_q + L_v) * r * n, "melora-diag": (L_q + L_v) * 2 * r}
+    extra = {"blob": (L_q + L_v) * r * n, "blob-adamw": (L_q + L_v) * r * n, "melora-diag": (L_q + L_v) * 2 * r}
     if name.startswith("melora") and name != "melora-diag":
         return lora + (L_q + L_v) * 2 * r * r
     return lora * (3 if name == "ensemble" else 1) + extra.get(name, 0)
@@ -84,15 +84,6 @@ def test_mc_dropout_samples_differ_but_mle_is_deterministic():
     assert torch.equal(mle.predict(batch, 3), mle.predict(batch, 1))
 
 
-def test_ensemble_prediction_is_the_mean_of_its_members():
-    method = build_method("ensemble", tiny_llama, CONFIG, LABEL_IDS, ensemble_size=3)
-    method.fit(_examples(), collate, TrainConfig(steps=1, batch_size=4, lr=1e-2))
-    batch = collate(_examples(4, seed=3))
-    members = torch.stack([m.predict(batch, 1) for m in method.members])
-    assert not torch.allclose(members[0], members[1])  # independently initialised and trained
-    assert torch.allclose(method.predict(batch, 1), members.mean(0))
-
-
 def test_ensemble_needs_a_factory_and_unknown_names_are_refused():
     with pytest.raises(ValueError, match="factory"):
         build_method("ensemble", tiny_llama(), CONFIG, LABEL_IDS)
@@ -114,17 +105,16 @@ def test_blob_kl_matches_the_gaussian_closed_form():
     assert not any(site.startswith("C") for site in method.guide.posterior_mean())
 
 
-def test_blob_kl_reweighting_schedule():
-    num_data, batch = 40, 4  # M = 10 steps per cycle
-    weights = [blob_kl_weight(step, num_data, batch) for step in range(1, 21)]
-    assert weights[:10] == weights[10:]  # restarts every cycle
-    assert all(a < b for a, b in zip(weights[:9], weights[1:10]))  # grows within a cycle (BLoB's 2^i)
-    assert sum(weights[:10]) == pytest.approx(num_data * (1 - 2 ** -10) / (1 - 2 ** -11))
-    elbo, method = BLoBELBO(), build_method("blob", tiny_llama(), CONFIG, LABEL_IDS)
+def test_blob_adamw_elbo_weights_the_kl_by_n_pi():
+    num_data, batch = 40, 4
+    cycle = blob_kl_cycle(num_data, batch)
+    assert [blob_kl_weight(step, num_data, batch) for step in (1, cycle, cycle + 1)] == \
+        [num_data * blob_pi(1, cycle), num_data * blob_pi(cycle, cycle), num_data * blob_pi(1, cycle)]
+    elbo, method = BLoBELBO(), build_method("blob-adamw", tiny_llama(), CONFIG, LABEL_IDS)
     b = collate(_examples(4))
     terms = elbo.loss_terms(method.model, method.guide, b["input_ids"], b["attention_mask"], b["labels"], num_data)
-    assert elbo.step == 1 and terms["kl_weight"] == weights[0]
-    assert torch.allclose(terms["loss"], terms["nll"] + weights[0] * terms["kl"])
+    assert elbo.step == 1 and terms["kl_weight"] == blob_kl_weight(1, num_data, batch)
+    assert torch.allclose(terms["loss"], terms["nll"] + terms["kl_weight"] * terms["kl"])
 
 
 def test_laplace_predictive_variance_shrinks_as_the_prior_precision_grows():

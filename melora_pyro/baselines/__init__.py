@@ -3,11 +3,12 @@
 - :mod:`.method`: ``PyroMethod`` (model + guide + ELBO trained by the shared loop), ``PointMethod``;
 - :mod:`.ensemble`: deep ensembles of adapter sets;
 - :mod:`.laplace`: post-hoc diagonal Laplace over A and B;
-- :mod:`.blob`: BLoB (Bayesian A, KL re-weighting) as a Pyro model and guide;
+- :mod:`.blob`: BLoB (Bayesian A, Flipout, KL re-weighting, its two optimisers) as a Pyro model and guide;
 - :mod:`.diagonal`: Me-LoRA with a diagonal latent C and its restricted full-weight prior;
 - :mod:`.zero_shot`: the base model without adapters.
 """
-from .blob import BLoBELBO, BLoBGuide, BLoBModel, KLScheduleELBO, blob_kl_weight
+from .blob import (BLoBELBO, BLoBGuide, BLoBMethod, BLoBModel, BLoBNLLELBO, BLoBUpdate, KLScheduleELBO, blob_kl,
+                   blob_kl_cycle, blob_kl_weight, blob_pi)
 from .diagonal import (DiagonalFullWeightNormal, DiagonalGuide, DiagonalMeLoRAModel,
                        diagonal_full_weight_kl, diagonal_full_weight_kl_terms)
 from .ensemble import EnsembleMethod
@@ -17,7 +18,8 @@ from .zero_shot import ZeroShotMethod
 
 __all__ = [
     "PyroMethod", "PointMethod", "set_adapter_dropout", "EnsembleMethod", "LaplaceMethod",
-    "BLoBModel", "BLoBGuide", "BLoBELBO", "KLScheduleELBO", "blob_kl_weight",
+    "BLoBModel", "BLoBGuide", "BLoBELBO", "BLoBNLLELBO", "BLoBUpdate", "BLoBMethod", "KLScheduleELBO",
+    "blob_kl", "blob_kl_cycle", "blob_kl_weight", "blob_pi",
     "DiagonalMeLoRAModel", "DiagonalGuide", "DiagonalFullWeightNormal", "diagonal_full_weight_kl",
     "diagonal_full_weight_kl_terms", "ZeroShotMethod",
 ]

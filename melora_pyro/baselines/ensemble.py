@@ -1,7 +1,7 @@
-"""Deep ensemble of independently initialised and trained adapter sets (Lakshminarayanan et al., 2017)."""
+"""Deep ensemble of independently initialised adapter sets (Lakshminarayanan et al., 2017), as
+``modelwrappers/deepensemble.py`` of Wang-ML-Lab/bayesian-peft runs it."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -10,37 +10,49 @@ import torch
 from ..train import TrainConfig
 from .method import Batch, PyroMethod
 
+AGGREGATIONS = ("logits", "probs")
+
 
 class EnsembleMethod:
-    """K adapter sets on K copies of the base model, each trained by the shared loop with its own seed.
+    """K adapter sets on K copies of the base model, each trained by the shared loop.
 
-    Member k is trained with ``train_config.seed + k`` (its data order and any sampling noise) and,
-    when ``run_dir`` is given, logs and checkpoints to ``run_dir/member-k``; its initialisation was
-    drawn with its own seed when it was built (``melora_pyro.methods.build_method``).
-    ``predict`` is the mean of the members' label probabilities ``(batch, K)``.
+    As the reference: the members differ only by their initialisation (drawn with its own seed when
+    it was built, ``melora_pyro.methods.build_method``) and are trained on the *same* batches in the
+    same order (the reference steps every member on each batch in turn; the members share no
+    parameter and no random draw, so training them one after the other with the same ``train_config``
+    gives the same adapters). Member k logs and checkpoints to ``run_dir/member-k`` when ``run_dir`` is
+    given.
+
+    ``aggregate``: ``"logits"`` (the reference): ``softmax(mean over members of the label logits)``;
+    ``"probs"``: the mean of the members' probabilities. Both ``(batch, K)``.
     """
 
-    def __init__(self, members: Sequence[PyroMethod], name: str = "ensemble"):
+    def __init__(self, members: Sequence[PyroMethod], aggregate: str = "logits", name: str = "ensemble"):
         if len(members) < 1:
             raise ValueError("an ensemble needs at least one member")
-        self.members, self.name = list(members), name
+        if aggregate not in AGGREGATIONS:
+            raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
+        self.members, self.aggregate, self.name = list(members), aggregate, name
 
     def fit(self, examples: Sequence, collate: Callable[[list], Batch], train_config: TrainConfig,
             run_dir: str | Path | None = None, resume: bool = False, progress: bool = False) -> list[dict]:
-        """Train every member in turn; returns the concatenated logs, each record tagged ``member``."""
+        """Train every member on the same batch sequence; returns the concatenated logs, each record
+        tagged ``member``."""
         history = []
         for k, member in enumerate(self.members):
-            config = dataclasses.replace(train_config, seed=train_config.seed + k)
             member_dir = Path(run_dir) / f"member-{k}" if run_dir is not None else None
             if member_dir is not None:
                 member_dir.mkdir(parents=True, exist_ok=True)
-            records = member.fit(examples, collate, config, run_dir=member_dir, resume=resume, progress=progress)
+            records = member.fit(examples, collate, train_config, run_dir=member_dir, resume=resume, progress=progress)
             history += [{**record, "member": k} for record in records]
         return history
 
     @torch.no_grad()
     def predict(self, batch: Batch, num_samples: int) -> torch.Tensor:
-        """Mean over members of ``member.predict(batch, num_samples)``, ``(batch, K)``."""
+        """The ensemble's label probabilities ``(batch, K)`` (``aggregate``); ``num_samples`` is passed
+        to the members when probabilities are averaged (point members ignore it)."""
+        if self.aggregate == "logits":
+            return torch.stack([member.mean_logits(batch) for member in self.members]).mean(0).softmax(-1)
         return torch.stack([member.predict(batch, num_samples) for member in self.members]).mean(0)
 
     def adapter_state(self) -> int:
@@ -52,4 +64,4 @@ class EnsembleMethod:
         return list(self.members)
 
     def __repr__(self):
-        return f"EnsembleMethod(size={len(self.members)}, adapter_state={self.adapter_state()})"
+        return f"EnsembleMethod(size={len(self.members)}, aggregate={self.aggregate!r}, adapter_state={self.adapter_state()})"

@@ -1,8 +1,12 @@
 """Post-hoc diagonal Laplace approximation over the LoRA parameters A and B of a MAP adapter.
 
-Our own implementation (``laplace-torch`` is not installed and pulls large dependencies), in the spirit
-of Yang et al. (2024), "Bayesian low-rank adaptation for large language models", but with a
-*diagonal* curvature instead of their Kronecker-factored one:
+Our own implementation of Yang et al. (2024), "Bayesian low-rank adaptation for large language
+models" (reference: ``run_gpt_laplace.py`` of github.com/adamxyang/laplace-lora, which calls
+laplace-torch with ``hessian_structure="kron"`` and the GLM predictive), with a *diagonal* curvature
+instead of their Kronecker-factored one. Why not laplace-torch: its KFAC backends hook ``nn.Linear``
+modules holding the parameters, while our adapters are stacked tensors bound to the layers at each
+forward (one Pyro site for all layers), so KFAC would need a per-layer rewrite of the adapters; and it
+would add laplace-torch (and its backends) as a dependency for one baseline. The steps:
 
 1. train plain LoRA by MAP (``theta* = (A, B)``, weight decay as the ``map`` method);
 2. curvature: the diagonal of the generalised Gauss-Newton matrix of the training NLL,
@@ -14,8 +18,13 @@ of Yang et al. (2024), "Bayesian low-rank adaptation for large language models",
 4. ``lambda`` by (a) maximising the Laplace log marginal likelihood over a log-spaced grid,
    ``log Z(lambda) = log p(D | theta*) - lambda/2 |theta*|^2 + P/2 log lambda - 1/2 sum_i log(F_i + lambda)``
    (up to terms free of lambda), or (b) a grid search on validation NLL;
-5. predictive: Monte Carlo, ``N`` draws of ``theta ~ N(theta*, diag(1/(F + lambda)))`` (not the
-   linearised / probit approximation), each one forward pass, probabilities averaged.
+5. predictive, ``predictive="glm"`` (default, the reference's): the linearised model
+   ``f(theta) ~ f(theta*) + J (theta - theta*)`` gives Gaussian label logits
+   ``N(f(theta*), J Sigma J^T)`` per example, ``J`` ``(K, P)`` the Jacobian of the label logits (one
+   backward pass per example and offered label), ``Sigma = diag(1 / (F + lambda))``; the probabilities
+   are the mean softmax of ``glm_samples`` (100,000, as the reference) logit draws
+   ``f + chol(J Sigma J^T + 1e-6 I) z``. ``predictive="weights"``: Monte Carlo in weight space, ``N``
+   draws of ``theta ~ N(theta*, Sigma)``, each one forward pass, probabilities averaged.
 """
 from __future__ import annotations
 
@@ -32,6 +41,9 @@ from ..train import TrainConfig, evaluate
 from .method import Batch, PointMethod
 
 DEFAULT_GRID = tuple(10.0 ** (k / 4) for k in range(-24, 25))  # 1e-6 .. 1e6, 4 per decade
+PREDICTIVES = ("glm", "weights")
+GLM_SAMPLES = 100_000  # logit draws per example, as run_gpt_laplace.py
+GLM_JITTER = 1e-6      # added to the logit covariance's diagonal before its Cholesky factor, as the reference
 
 
 class LaplaceMethod:
@@ -46,7 +58,9 @@ class LaplaceMethod:
             ``None`` for all.
         grid: prior precisions searched, log-spaced by default (1e-6 .. 1e6).
         val_examples: the validation set for ``prior_precision="validation"``.
-        val_samples: Monte Carlo draws per candidate in the validation search.
+        val_samples: Monte Carlo draws per candidate in the validation search (weight-space predictive).
+        predictive: ``"glm"`` (default) or ``"weights"`` (module docstring).
+        glm_samples: logit draws of the GLM predictive.
 
     After ``fit``: ``fisher`` (list of tensors shaped like the A and B stacks), ``prior_precision``
     (the chosen float) and ``selection`` (the criterion per grid point).
@@ -55,7 +69,10 @@ class LaplaceMethod:
     def __init__(self, map_method: PointMethod, prior_precision: str | float = "marglik",
                  fisher: str = "ggn", max_fisher_examples: int | None = None,
                  grid: Sequence[float] = DEFAULT_GRID, val_examples: Sequence | None = None,
-                 val_samples: int = 4, name: str = "laplace"):
+                 val_samples: int = 4, predictive: str = "glm", glm_samples: int = GLM_SAMPLES,
+                 name: str = "laplace"):
+        if predictive not in PREDICTIVES:
+            raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
         if fisher not in ("ggn", "empirical"):
             raise ValueError(f"fisher must be 'ggn' or 'empirical', got {fisher!r}")
         if not (prior_precision in ("marglik", "validation")
@@ -68,6 +85,7 @@ class LaplaceMethod:
         self.precision_rule, self.fisher_kind = prior_precision, fisher
         self.max_fisher_examples, self.grid = max_fisher_examples, tuple(float(g) for g in grid)
         self.val_examples, self.val_samples = val_examples, val_samples
+        self.predictive, self.glm_samples = predictive, glm_samples
         self.fisher: list[torch.Tensor] | None = None
         self.prior_precision: float | None = None
         self.selection: dict[float, float] = {}
@@ -147,11 +165,44 @@ class LaplaceMethod:
                 draws.append(self.map.predict(batch, 0))
         return torch.stack(draws)
 
+    def glm_logits(self, batch: Batch, prior_precision: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linearised predictive's label logits: mean ``(batch, K)`` (the MAP logits, ``-inf`` for
+        labels not offered) and covariance ``J Sigma J^T`` ``(batch, K, K)`` (zero rows and columns for
+        labels not offered)."""
+        variances = [std.square().flatten() for std in self.posterior_std(prior_precision)]
+        params = self.params
+        with torch.enable_grad():
+            logits = self.map.mean_logits(batch)
+            covariance = logits.new_zeros(*logits.shape, logits.shape[-1])
+            for i, row in enumerate(logits):
+                offered = row.isfinite().nonzero().flatten().tolist()
+                jacobian = logits.new_zeros(len(offered), sum(v.numel() for v in variances))
+                for n, k in enumerate(offered):
+                    grads = torch.autograd.grad(row[k], params, retain_graph=True, allow_unused=True)
+                    jacobian[n] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                             for g, p in zip(grads, params)])
+                block = (jacobian * torch.cat(variances)) @ jacobian.T
+                covariance[i, torch.tensor(offered)[:, None], torch.tensor(offered)] = block
+        return logits.detach(), covariance
+
+    @torch.no_grad()
+    def glm_predict(self, batch: Batch, prior_precision: float | None = None,
+                    num_samples: int | None = None) -> torch.Tensor:
+        """Mean softmax of ``num_samples`` (default ``glm_samples``) draws of the GLM logits, ``(batch, K)``."""
+        mean, covariance = self.glm_logits(batch, prior_precision)
+        eye = torch.eye(mean.shape[-1], dtype=covariance.dtype, device=covariance.device)
+        factor = torch.linalg.cholesky(covariance + GLM_JITTER * eye)
+        z = torch.randn(num_samples or self.glm_samples, *mean.shape, 1, dtype=mean.dtype, device=mean.device)
+        return (mean + (factor @ z).squeeze(-1)).softmax(-1).mean(0)
+
     @torch.no_grad()
     def predict(self, batch: Batch, num_samples: int) -> torch.Tensor:
-        """Mean of ``predict_samples`` ``(batch, K)``; ``num_samples = 0`` gives the MAP prediction."""
+        """The predictive ``(batch, K)``: GLM (``glm_samples`` logit draws; ``num_samples`` is not used)
+        or the mean of ``predict_samples``; ``num_samples = 0`` gives the MAP prediction."""
         if num_samples == 0:
             return self.map.predict(batch, 0)
+        if self.predictive == "glm":
+            return self.glm_predict(batch)
         return self.predict_samples(batch, num_samples).mean(0)
 
     def validation_nll(self, prior_precision: float, collate: Callable[[list], Batch]) -> float:
@@ -159,8 +210,9 @@ class LaplaceMethod:
         so that the candidates are compared with common random numbers)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            probs, labels = evaluate(lambda b: self.predict_samples(b, self.val_samples, prior_precision).mean(0),
-                                     self.val_examples, collate, progress=False)
+            predict = ((lambda b: self.glm_predict(b, prior_precision)) if self.predictive == "glm" else
+                       (lambda b: self.predict_samples(b, self.val_samples, prior_precision).mean(0)))
+            probs, labels = evaluate(predict, self.val_examples, collate, progress=False)
         return nll_metric(probs, labels)
 
     def adapter_state(self) -> int:

@@ -19,7 +19,7 @@ from ..layers import MeLoRALinear
 from ..predict import predict_proba
 from ..readouts import readout_inputs
 from ..state import count_adapter_state
-from ..train import TrainConfig, train
+from ..train import TrainConfig, UpdateRule, train
 
 Batch = dict  # input_ids (b, T), attention_mask (b, T), labels (b,), choice_mask (b, K)
 
@@ -34,6 +34,7 @@ class PyroMethod:
         train_overrides: ``TrainConfig`` fields this method pins whatever the caller passes
             (``{"weight_decay": 0.0}`` for MLE), applied with ``dataclasses.replace``.
         dropout_at_test: keep the adapter dropout active in ``predict`` (MC dropout).
+        update: the optimiser and its step (``train.UpdateRule``; default one AdamW).
         name: the method's registry name, for messages and outputs.
 
     ``predict`` with ``num_samples = N >= 1`` averages the label probabilities of N guide draws
@@ -45,8 +46,9 @@ class PyroMethod:
     deterministic = False  # True when the guide is a point mass: predict ignores num_samples
 
     def __init__(self, model: nn.Module, guide: nn.Module, elbo: FullWeightELBO | None = None,
-                 train_overrides: dict | None = None, dropout_at_test: bool = False, name: str = ""):
-        self.model, self.guide = model, guide
+                 train_overrides: dict | None = None, dropout_at_test: bool = False,
+                 update: UpdateRule | None = None, name: str = ""):
+        self.model, self.guide, self.update = model, guide, update
         self.elbo = elbo or FullWeightELBO()
         self.train_overrides = dict(train_overrides or {})
         self.dropout_at_test = dropout_at_test
@@ -61,7 +63,7 @@ class PyroMethod:
         """Train on ``examples`` with the shared loop; returns its log records (see ``train``)."""
         set_adapter_dropout(self.model, active=True)
         return train(self.model, self.guide, examples, collate, self.train_config(train_config),
-                     run_dir=run_dir, resume=resume, elbo=self.elbo, progress=progress)
+                     run_dir=run_dir, resume=resume, elbo=self.elbo, progress=progress, update=self.update)
 
     @torch.no_grad()
     def predict(self, batch: Batch, num_samples: int) -> torch.Tensor:
