@@ -41,7 +41,7 @@ class Task:
     max_length: int
     device: torch.device
     scoring: str = "letter"
-    normalization: str = "token"
+    normalization: str = "sum"
     template: ClozeTemplate | None = None
     _packed: dict = field(default_factory=dict, repr=False)
 

@@ -82,7 +82,7 @@ class ClozeReadout:
 
     kind = "cloze"
 
-    def __init__(self, normalization: str = "token"):
+    def __init__(self, normalization: str = "sum"):
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.normalization = normalization
@@ -133,7 +133,7 @@ def readout_from_dict(d: dict):
         raise ValueError(f"readout must be a table with kind in {SCORINGS}, got {d!r:.80}")
     if d["kind"] == "letter":
         return LetterReadout(d["label_token_ids"])
-    return ClozeReadout(d.get("normalization", "token"))
+    return ClozeReadout(d.get("normalization", "sum"))
 
 
 def as_readout(readout_or_label_ids):

@@ -51,7 +51,7 @@ class RunSettings:
     eval_samples: int = 10
     eval_batch_size: int = 16
     scoring: str = "cloze"
-    normalization: str = "token"
+    normalization: str = "sum"
     adapt_top_layers: int | None = None
     dtype: str = "float32"
     device: str = "auto"
