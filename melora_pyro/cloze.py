@@ -64,7 +64,7 @@ class ClozeTemplate:
 
 _WINOGRANDE = ClozeTemplate(partial=True)
 TEMPLATES: dict[str, ClozeTemplate] = {
-    "arc-e": ClozeTemplate(), "arc-c": ClozeTemplate(),
+    "arc-e": ClozeTemplate(), "arc-c": ClozeTemplate(), "arc-e-slice": ClozeTemplate(),
     "mmlu-chem": ClozeTemplate(), "mmlu-phys": ClozeTemplate(),
     "toy": ClozeTemplate(),
     "obqa": ClozeTemplate(context="{question}"),

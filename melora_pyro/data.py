@@ -12,6 +12,7 @@ file, the line and what was expected; no row is ever dropped silently.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import random
@@ -26,6 +27,7 @@ from melora_pyro.errors import MeLoRAError
 from melora_pyro.toy_task import toy_rows
 
 LABEL_LETTERS = "ABCDEFGH"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 MMLU_HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
 BOOLQ_TRAIN_FRACTION = 0.8
 BOOLQ_OFFLINE_NOTE = (
@@ -232,6 +234,7 @@ class DatasetSpec:
     ``datasets.load_dataset``, ``hub_splits`` maps our split names to the hub's, and ``from_hub`` turns
     a hub row into the local row layout. ``holdout``: offline, train and test are a seeded 80/20 split
     of the one file that both map to (BoolQ). ``embedded``: the dataset is generated in code.
+    ``packaged``: ``files`` are gzip JSONL shipped in the package (``EMBEDDED_DIR``), not in the data dir.
     """
 
     splits: tuple[str, ...]
@@ -242,6 +245,7 @@ class DatasetSpec:
     from_hub: Callable[[Mapping, int], Mapping] | None = None
     holdout: bool = False
     embedded: Callable[[str], list[dict]] | None = None
+    packaged: bool = False
 
 
 def _arc(config: str) -> DatasetSpec:
@@ -287,6 +291,11 @@ DATASETS: dict[str, DatasetSpec] = {
     "mmlu-chem": _mmlu("college_chemistry"),
     "mmlu-phys": _mmlu("college_physics"),
     "toy": DatasetSpec(splits=("train", "validation", "test"), embedded=toy_rows),
+    # make demo's default: a fixed slice of ARC-Easy in the package (CC BY-SA 4.0, see its README.md)
+    "arc-e-slice": DatasetSpec(
+        splits=("train", "validation", "test"),
+        files={split: f"arc-easy-slice/{split}.jsonl.gz" for split in ("train", "validation", "test")},
+        parse=_parse_arc, packaged=True),
 }
 
 
@@ -311,9 +320,11 @@ def load_examples(name: str, split: str, data_dir: str | Path | None = None, see
         raise ValueError(f"dataset {name!r} has no split {split!r}; valid splits: {list(spec.splits)}")
     if spec.embedded is not None:
         return [Example(**row) for row in spec.embedded(split)]
-    if data_dir is None:
-        return _load_hub(spec, split)
     source = spec.files[split]
+    if spec.packaged:
+        data_dir = EMBEDDED_DIR
+    elif data_dir is None:
+        return _load_hub(spec, split)
     path = Path(data_dir) / source
     reader = _read_csv(path, source) if source.endswith(".csv") else _read_jsonl(path, source)
     examples = [spec.parse(row, _Loc(source, line)) for line, row in reader]
@@ -349,6 +360,8 @@ def _read_text(path: Path, source: str) -> str:
     if not path.is_file():
         raise DatasetError(f"{path}: file not found (expected {source} under the data directory)", str(path))
     data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
