@@ -232,7 +232,7 @@ def base_factory(profile: Profile) -> Bases:
         name = Path(profile.model).name or "model"
         bases.cache_file = default_cache_dir() / "prefix-cache" / f"{name}-{profile.dtype}-split{num_layers - profile.top_layers}.pt"
         if bases.cache_file.is_file():
-            bases.cache.update(torch.load(bases.cache_file))
+            bases.cache.update(torch.load(bases.cache_file, weights_only=True))
 
     def factory() -> nn.Module:
         lm, _ = load_base_model(profile.model, dtype=dtype)
