@@ -20,9 +20,9 @@ import types
 import typing
 from pathlib import Path
 
+from . import rundir
 from .config import MeLoRAConfig
 from .errors import MeLoRAError
-from . import rundir
 from .runs import RunError, RunSettings, check_run_dir, load_settings, open_run_dir, read_toml, resume_changes
 from .train import NumericalError, TrainConfig
 
@@ -226,8 +226,7 @@ def _train(args) -> int:
         changes = resume_changes(saved, settings, step)
     with open_run_dir(run_dir, overwrite=args.overwrite, writer=is_writer()):
         if changes and is_writer():
-            marker = rundir.read_marker(run_dir)
-            rundir.update_marker(run_dir, changes=marker["changes"] + [{"step": step, "time": rundir._now(), **changes}])
+            rundir.record_change(run_dir, step, changes)
         fit_run(settings, method, task, run_dir, resume=args.resume)
         if not args.no_eval:
             _print_metrics(evaluate_run(settings, method, task, run_dir)[0])

@@ -78,6 +78,12 @@ def update_marker(run_dir, **fields) -> None:
     write_marker(run_dir, {**read_marker(run_dir), **fields})
 
 
+def record_change(run_dir, step: int, changes: dict) -> None:
+    """Record in the marker that ``changes`` (``{"train.lr": [old, new], ...}``) took effect at ``step``."""
+    marker = read_marker(run_dir)
+    update_marker(run_dir, changes=marker["changes"] + [{"step": step, "time": _now(), **changes}])
+
+
 def check_overwrite(run_dir) -> None:
     """Raise ``RunDirError`` unless ``remove_run`` may delete ``run_dir``'s contents (it deletes nothing)."""
     run_dir = Path(run_dir)

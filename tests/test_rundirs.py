@@ -89,23 +89,38 @@ def test_overwrite_replaces_an_owned_run(finished, tmp_path):
 
 # 2. evaluate and predict never train and never rewrite what train wrote
 
+def start_training(run: Path, steps: int = 100_000) -> subprocess.Popen:
+    """A ``train`` process of ``steps`` steps into ``run``, returned once its first checkpoint is complete."""
+    child = subprocess.Popen([sys.executable, "-m", "melora_pyro.cli", "train", *T, "--steps", str(steps),
+                              "--checkpoint-every", "1", "--run-dir", str(run)], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while find_latest_checkpoint(run) is None:
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            raise AssertionError(f"training never started: {child.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+    return child
+
+
 def test_evaluate_and_predict_refuse_an_unfinished_run(finished, tmp_path, capsys):
-    killed = copy_of(finished, tmp_path)
-    marker = json.loads((killed / "melora-run.json").read_text())
-    marker["finished"] = False  # as a run killed after its step-2 checkpoint leaves it
-    (killed / "melora-run.json").write_text(json.dumps(marker))
-    shutil.rmtree(killed / "checkpoints" / "step-00000004")
+    killed = tmp_path / "killed"
+    child = start_training(killed, steps=300)  # about a minute: killed long before the end
+    child.kill()  # SIGKILL: no handler runs
+    child.wait(timeout=60)
+    child.stderr.close()
     before = snapshot(killed)
     for command in (["evaluate"], ["predict", "--question", "q?", "--choices", "a", "b"]):
         code, message = run_cli(capsys, *command, "--run-dir", killed)
-        assert code == 2 and "is unfinished" in message and "--resume" in message, message
-        assert snapshot(killed) == before
-    shutil.rmtree(killed / "checkpoints")
-    marker["finished"] = True
-    (killed / "melora-run.json").write_text(json.dumps(marker))
-    code, message = run_cli(capsys, "evaluate", "--run-dir", killed)
-    assert code == 2 and "no checkpoint" in message, message
-    assert not (killed / "checkpoints").exists()
+        assert code == 2 and "is unfinished" in message and f"train --resume --run-dir {killed}" in message, message
+        assert snapshot(killed) == before  # nothing trained, nothing written
+    lost = copy_of(finished, tmp_path)
+    shutil.rmtree(lost / "checkpoints")
+    before = snapshot(lost)
+    code, message = run_cli(capsys, "evaluate", "--run-dir", lost)
+    assert code == 2 and "no checkpoint in" in message, message
+    assert snapshot(lost) == before
 
 
 def test_evaluate_writes_its_own_file_and_predict_writes_nothing(finished, tmp_path, capsys):
@@ -172,6 +187,18 @@ def test_resume_refuses_a_change_that_alters_the_run(half, tmp_path, capsys, fla
     before = snapshot(run)
     code, message = run_cli(capsys, "train", "--resume", "--steps", "4", *flags, "--run-dir", run)
     assert code == 2 and "--resume would change the run" in message and change in message, message
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", "1"], "--resume --steps 1: the run is already at step 2"),
+    (["--steps", "4", "--overwrite"], "--resume continues a run and --overwrite replaces it: give one of them"),
+], ids=["fewer steps", "with --overwrite"])
+def test_resume_refuses_fewer_steps_and_overwrite(half, tmp_path, capsys, flags, expected):
+    run = copy_of(half, tmp_path)
+    before = snapshot(run)
+    code, message = run_cli(capsys, "train", "--resume", *flags, "--run-dir", run)
+    assert code == 2 and expected in message, message
     assert snapshot(run) == before
 
 
@@ -274,7 +301,7 @@ def test_a_bad_setting_writes_nothing(tmp_path, capsys, flags, expected):
 
 
 def test_an_empty_evaluation_split_is_found_before_training(tmp_path, capsys):
-    rows = (ROOT.parent / "shared" / "data" / "boolq" / "val.jsonl").read_text().splitlines()[:2]
+    rows = (STORIES_DIR.parents[1] / "data" / "boolq" / "val.jsonl").read_text().splitlines()[:2]
     (tmp_path / "data" / "boolq").mkdir(parents=True)
     (tmp_path / "data" / "boolq" / "val.jsonl").write_text("\n".join(rows) + "\n")
     code, message = run_cli(capsys, "train", *T[:2], "--dataset", "boolq", "--data-dir", tmp_path / "data",
@@ -352,15 +379,8 @@ def test_files_respect_the_umask(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_training_with_a_hint_to_resume(tmp_path, sig):
     run = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-m", "melora_pyro.cli", "train", *T, "--steps", "100000",
-                              "--checkpoint-every", "1", "--run-dir", str(run)], cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                             stderr=subprocess.PIPE, text=True)
+    child = start_training(run)
     try:
-        deadline = time.monotonic() + 120
-        while find_latest_checkpoint(run) is None:
-            assert child.poll() is None and time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
         child.send_signal(sig)
         assert child.wait(timeout=60) == 130
     finally:
