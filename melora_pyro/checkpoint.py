@@ -104,6 +104,14 @@ def load_training_state(checkpoint, model, guide, optimizer, order) -> int:
     except Exception as e:
         raise CheckpointError(f"{checkpoint}: damaged training checkpoint: {e}") from e
     load_adapter_tensors(checkpoint, model, guide)
+    try:
+        return _restore(trainer, tensors, optimizer, order)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:  # valid JSON, wrong structure
+        raise CheckpointError(f"{checkpoint}: damaged training checkpoint: {type(e).__name__} {e}") from e
+
+
+def _restore(trainer: dict, tensors: dict, optimizer, order) -> int:
+    """Load the optimiser, RNG and data-order states of a checkpoint; returns its step."""
     state = {}
     for key, value in tensors.items():
         if key.startswith("optim."):

@@ -11,32 +11,42 @@ import dataclasses
 import json
 import logging
 import shlex
+import signal
 import sys
+import threading
 import time
 import traceback
 import types
 import typing
 from pathlib import Path
 
+from . import rundir
 from .config import MeLoRAConfig
 from .errors import MeLoRAError
-from .runs import RunError, RunSettings, load_settings, prepare_run_dir, read_toml
+from .runs import RunError, RunSettings, check_run_dir, load_settings, open_run_dir, read_toml, resume_changes
 from .train import NumericalError, TrainConfig
 
 _SECTIONS = {"adapter": MeLoRAConfig, "train": TrainConfig}
 # The demo's budget: about ten minutes for both methods on 2 CPU cores (README).
 DEMO_TRAIN = dict(steps=100, batch_size=8, lr=1e-3, log_every=10)
 DEMO_TARGETS = ("q_proj", "v_proj", "lm_head")  # BLoB's recipe (DESIGN.md section 5)
-_EVALUATE_FIELDS = ("data_dir", "eval_split", "eval_limit", "eval_samples", "eval_batch_size")
+_EVALUATE_FIELDS = ("data_dir", "eval_split", "eval_limit", "eval_samples", "eval_batch_size", "device",
+                    "trust_remote_code")
+_PATH_FIELDS = ("model", "data_dir")  # stored absolute: a run directory is read from anywhere
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous = _handle_sigterm()
     try:
-        return args.handler(args) or 0
-    except KeyboardInterrupt:
-        print("melora-pyro: interrupted", file=sys.stderr)
+        with logging_redirect_tqdm():  # log lines (--log-every) above the progress bar, not through it
+            return args.handler(args) or 0
+    except KeyboardInterrupt as e:
+        _close_progress_bars()
+        print(f"melora-pyro: interrupted{f' ({e})' if str(e) else ''}{_resume_hint(args)}", file=sys.stderr)
         return 130
     except NumericalError as e:
         _close_progress_bars()
@@ -50,6 +60,27 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"melora-pyro: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _handle_sigterm():
+    """SIGTERM (a scheduler's, ``kill``'s) stops the command as Ctrl-C does; returns the old handler
+    (None where signals cannot be set: not the main thread)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _resume_hint(args) -> str:
+    if args.handler is not _train:
+        return ""
+    return (f"; the last complete checkpoint is kept, continue with: melora-pyro train --resume "
+            f"--run-dir {shlex.quote(str(args.run_dir))}")
 
 
 def _close_progress_bars() -> None:
@@ -90,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--choices", nargs="+", help="the answer options, in order")
     predict.add_argument("--context", default="", help="an optional passage")
     predict.add_argument("--input", help="a JSONL file of {question, choices, context?} rows instead")
-    predict.add_argument("--eval-samples", type=int, help="posterior samples (0: posterior mean)")
+    for f in dataclasses.fields(RunSettings):
+        if f.name in ("eval_samples", "device", "trust_remote_code"):
+            _add_field_flag(predict, RunSettings, f)
     predict.set_defaults(handler=_predict)
 
     demo = commands.add_parser("demo", help="the main job: MAP LoRA vs Me-LoRA on the embedded toy task")
@@ -123,6 +156,8 @@ def _add_field_flag(parser, cls, f: dataclasses.Field, dest: str | None = None) 
     kind = typing.get_origin(hint) or hint  # tuple[str, ...] -> tuple
     kwargs = dict(dest=dest or f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"(default: {f.default!r})"
                   if f.default is not dataclasses.MISSING else None)
+    if cls is RunSettings and f.name in _choices():
+        kwargs["help"] = f"one of {', '.join(_choices()[f.name])} {kwargs['help']}"
     if kind is tuple:
         parser.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", **kwargs)
     elif kind is bool:
@@ -132,8 +167,17 @@ def _add_field_flag(parser, cls, f: dataclasses.Field, dest: str | None = None) 
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind in (int, float) else str, **kwargs)
 
 
-def _settings(args, base: RunSettings | None = None) -> RunSettings:
-    """Settings from the defaults (or ``base``), then the TOML file, then the flags."""
+def _choices() -> dict:
+    from .data import DATASETS
+    from .methods import METHODS
+
+    return {"method": METHODS, "dataset": sorted(DATASETS)}
+
+
+def _settings(args, base: RunSettings | None = None, method: str | None = None, saved: bool = False) -> RunSettings:
+    """Settings from the defaults (or ``base``), then the TOML file, then the flags (paths made
+    absolute), then ``method`` if given; as the method runs them (``RunSettings.for_method``: the
+    method's defaults fill what was not given, or, for the ``saved`` settings of a run, nothing)."""
     merged = (base or RunSettings()).to_dict()
     layers = [read_toml(args.config)] if getattr(args, "config", None) else []
     layers.append({})
@@ -143,34 +187,75 @@ def _settings(args, base: RunSettings | None = None) -> RunSettings:
             layers[-1].setdefault(section, {})[name] = value
         elif key in merged:
             layers[-1][key] = value
+    given = {f.name for cls in (RunSettings, *_SECTIONS.values()) for f in dataclasses.fields(cls)} if saved else set()
     for layer in layers:
         for key, value in layer.items():
             if key in _SECTIONS:
                 merged[key].update(value)
+                given |= set(value)
             else:
-                merged[key] = value
-    return RunSettings.from_dict(merged)
+                merged[key] = _absolute(key, value)
+                given.add(key)
+    if method is not None:
+        merged["method"] = method
+    return RunSettings.from_dict(merged).for_method(given)
+
+
+def _absolute(key: str, value):
+    """``value`` of setting ``key``, an absolute path if it names a path (a model directory, the data)."""
+    if key not in _PATH_FIELDS or not isinstance(value, str) or (key == "model" and not Path(value).is_dir()):
+        return value
+    return str(Path(value).expanduser().absolute())
 
 
 def _train(args) -> int:
-    from .pipeline import evaluate_run, train_run
+    """Check everything, then create (or continue) the run directory, holding its lock, and train."""
+    from .checkpoint import find_latest_checkpoint
+    from .pipeline import build_run, evaluate_run, fit_run, is_writer
 
-    settings = _settings(args)
-    run_dir = prepare_run_dir(args.run_dir, overwrite=args.overwrite, resume=args.resume)
-    method, task = train_run(settings, run_dir, resume=args.resume)
-    if not args.no_eval:
-        _print_metrics(evaluate_run(settings, method, task, run_dir)[0])
+    if args.resume and args.overwrite:
+        raise RunError("--resume continues a run and --overwrite replaces it: give one of them")
+    run_dir = check_run_dir(args.run_dir, overwrite=args.overwrite, resume=args.resume)
+    saved = load_settings(run_dir) if args.resume and (run_dir / "settings.json").is_file() else None
+    settings = _settings(args, base=saved, saved=saved is not None)
+    method, task = build_run(settings)  # model, data and method checked before anything is written
+    changes = {}
+    if saved is not None:
+        steps = [find_latest_checkpoint(d) for d in method.unit_dirs(run_dir)]
+        step = min(int(c.name.split("-")[1]) if c else 0 for c in steps)
+        changes = resume_changes(saved, settings, step)
+    with open_run_dir(run_dir, overwrite=args.overwrite, writer=is_writer()):
+        if changes and is_writer():
+            rundir.record_change(run_dir, step, changes)
+        fit_run(settings, method, task, run_dir, resume=args.resume)
+        if not args.no_eval:
+            _print_metrics(evaluate_run(settings, method, task, run_dir)[0])
     print(f"run directory: {run_dir}")
     return 0
 
 
-def _evaluate(args) -> int:
-    from .pipeline import evaluate_run, train_run
+def _trained(args, **overrides):
+    """``(settings, method, task)`` of the finished run ``args.run_dir``, loaded, never trained; code shipped
+    with its model runs only if this command line says ``--trust-remote-code``."""
+    from .pipeline import load_run
 
-    overrides = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(RunSettings)}}
-    settings = dataclasses.replace(load_settings(args.run_dir), **overrides)
-    method, task = train_run(settings, args.run_dir, resume=True, progress=False)  # a finished run: loads only
-    _print_metrics(evaluate_run(settings, method, task, args.run_dir)[0])
+    fields = {f.name for f in dataclasses.fields(RunSettings)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    settings = dataclasses.replace(load_settings(args.run_dir), **{**given, **overrides})
+    method, task = load_run(settings, args.run_dir)
+    return settings, method, task
+
+
+def _evaluate(args) -> int:
+    from .pipeline import score, write_evaluation
+
+    rundir.check_unlocked(args.run_dir)
+    settings, method, task = _trained(args, **{k: _absolute(k, v) for k, v in vars(args).items() if k == "data_dir"})
+    metrics = score(settings, method, task)[0]
+    with rundir.lock_run_dir(args.run_dir):
+        path = write_evaluation(metrics, args.run_dir)
+    _print_metrics(metrics)
+    print(f"results: {path}")
     return 0
 
 
@@ -178,20 +263,16 @@ def _predict(args) -> int:
     import torch
 
     from .data import Example
-    from .pipeline import train_run
 
     if args.input:
         rows = _read_predict_input(args.input)
-    elif args.question and args.choices:
+    elif args.question is not None and args.choices:
         rows = [{"question": args.question, "choices": args.choices, "context": args.context}]
         if _predict_row_problem(rows[0]):
             raise RunError(f"--question / --choices / --context: {_predict_row_problem(rows[0])}")
     else:
         raise RunError("give --question and --choices, or --input FILE.jsonl")
-    settings = load_settings(args.run_dir)
-    if args.eval_samples is not None:
-        settings = dataclasses.replace(settings, eval_samples=args.eval_samples)
-    method, task = train_run(settings, args.run_dir, resume=True, progress=False)
+    settings, method, task = _trained(args)
     examples = [Example(question=r["question"], choices=tuple(r["choices"]), label=0,
                         context=r.get("context", ""), uid=f"input-{i}") for i, r in enumerate(rows)]
     for ex in examples:
@@ -258,23 +339,28 @@ def _predict_row_problem(row) -> str | None:
 def _demo(args) -> int:
     """Main job: MAP LoRA and Me-LoRA trained on the same data and evaluated side by side."""
     from ._atomic import atomic_write_text
-    from .pipeline import evaluate_run, summary_markdown, train_run
+    from .pipeline import build_run, evaluate_run, fit_run, summary_markdown
     from .plots import reliability_diagram
 
     defaults = RunSettings(adapter=MeLoRAConfig(target_modules=DEMO_TARGETS), train=TrainConfig(**DEMO_TRAIN))
-    settings = _settings(args, base=defaults)
-    run_dir = prepare_run_dir(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}",
-                              overwrite=args.overwrite)
+    run_dir = check_run_dir(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}", overwrite=args.overwrite)
+    settings = {method: _settings(args, base=defaults, method=method) for method in ("map", "melora")}
+    built = {method: build_run(s) for method, s in settings.items()}  # every setting checked first
     metrics, predictions = {}, {}
-    for method in ("map", "melora"):
-        method_settings = dataclasses.replace(settings, method=method)
-        trained, task = train_run(method_settings, prepare_run_dir(run_dir / method))
-        metrics[method], predictions[method] = evaluate_run(method_settings, trained, task, run_dir / method)
-    command = "melora-pyro " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    summary = summary_markdown(metrics, settings, command=command)
-    atomic_write_text(run_dir / "summary.md", summary)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-    reliability_diagram(predictions, run_dir / "reliability.png", title=f"{settings.dataset}: MAP vs Me-LoRA")
+    with open_run_dir(run_dir, overwrite=args.overwrite):
+        for method, (trained, task) in built.items():
+            rundir.record_written(run_dir, method)
+            with open_run_dir(run_dir / method):
+                fit_run(settings[method], trained, task, run_dir / method)
+                metrics[method], predictions[method] = evaluate_run(settings[method], trained, task, run_dir / method)
+        command = "melora-pyro " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        summary = summary_markdown(metrics, settings["melora"], command=command)
+        rundir.record_written(run_dir, "summary.md", "metrics.json", "reliability.png")
+        atomic_write_text(run_dir / "summary.md", summary)
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        reliability_diagram(predictions, run_dir / "reliability.png",
+                            title=f"{settings['melora'].dataset}: MAP vs Me-LoRA")
+        rundir.update_marker(run_dir, finished=True)
     print("\n" + summary)
     print(f"results: {run_dir}/summary.md, {run_dir}/metrics.json, {run_dir}/reliability.png")
     return 0

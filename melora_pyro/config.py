@@ -100,7 +100,7 @@ def check_train_config(config) -> None:
         "max_grad_norm": (config.max_grad_norm is None
                           or _is_number(config.max_grad_norm) and config.max_grad_norm >= 0,
                           "None or a finite number >= 0 (0: no clipping)"),
-        "seed": (_is_int(config.seed) and 0 <= config.seed < 2 ** 63, "an integer in [0, 2**63)"),
+        "seed": (_is_int(config.seed) and 0 <= config.seed < 2 ** 32, "an integer in [0, 2**32)"),  # numpy's range
         "log_every": (_is_int(config.log_every) and config.log_every >= 1, "a positive integer"),
         "checkpoint_every": (_is_int(config.checkpoint_every) and config.checkpoint_every >= 0,
                              "an integer >= 0 (0: only at the end)"),

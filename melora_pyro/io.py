@@ -147,6 +147,9 @@ def _load_into(module: nn.Module, tensors: dict, directory: Path, what: str) -> 
         if own[key].shape != value.shape:
             raise CheckpointError(f"{directory / TENSORS_FILE}: {what} tensor {key} has shape "
                                   f"{tuple(value.shape)}, the base model needs {tuple(own[key].shape)}")
+        if value.is_floating_point() and not value.isfinite().all():
+            raise CheckpointError(f"{directory / TENSORS_FILE}: {what} tensor {key} holds non-finite values "
+                                  f"(NaN or inf); the checkpoint is damaged")
     with torch.no_grad():
         for key, value in tensors.items():
             own[key].copy_(value)

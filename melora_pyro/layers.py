@@ -64,11 +64,12 @@ def inject_adapters(model: nn.Module, target_modules, rank: int, scaling: float,
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
                           f"its linear modules are named {linear_names}")
-    adapted = {}
-    for name, linear in found.items():
+    for name, linear in found.items():  # every check before the first replacement: none or all are adapted
         if rank > min(linear.in_features, linear.out_features):
             raise ConfigError(f"rank {rank} exceeds min(n, m) = {min(linear.in_features, linear.out_features)} "
                               f"of {name} ({linear.out_features} x {linear.in_features})")
+    adapted = {}
+    for name, linear in found.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         adapted[name] = MeLoRALinear(linear, scaling, dropout)

@@ -50,6 +50,7 @@ from guides import IdentityGuide, MeanFieldGuide
 from .baselines import (BLoBELBO, BLoBGuide, BLoBMethod, BLoBModel, BLoBNLLELBO, BLoBUpdate, DiagonalGuide,
                         DiagonalMeLoRAModel, EnsembleMethod, LaplaceMethod, PointMethod, PyroMethod, ZeroShotMethod)
 from .config import MeLoRAConfig
+from .errors import ConfigError
 from .model import MeLoRAModel
 from .readouts import as_readout
 
@@ -62,6 +63,25 @@ ENSEMBLE_SIZE = 3
 DEFAULT_PRIOR_NOISE = 0.05    # eta of melora-noise when config.prior_noise is 0
 
 BaseSource = nn.Module | Callable[[], nn.Module]
+
+# The settings a method is defined by (a different value given for one is refused) and the defaults
+# it brings for the knobs it has (taken unless the setting is given; ``method_options`` passes them
+# on). Keys are ``MeLoRAConfig`` fields or ``TrainConfig.weight_decay``.
+DEFINED_BY = {
+    "mle": {"weight_decay": 0.0},
+    "mcdropout": {"weight_decay": 0.0},
+    "melora": {"kl": "full_weight", "prior_noise": 0.0},
+    "melora-elementwise": {"kl": "elementwise", "prior_noise": 0.0},
+    "melora-noise": {"kl": "full_weight"},
+}
+METHOD_DEFAULTS = {
+    "map": {"weight_decay": MAP_WEIGHT_DECAY},
+    "ensemble": {"weight_decay": MAP_WEIGHT_DECAY},
+    "laplace": {"weight_decay": MAP_WEIGHT_DECAY},
+    "mcdropout": {"dropout": MC_DROPOUT},
+    "melora-noise": {"prior_noise": DEFAULT_PRIOR_NOISE},
+}
+_NEEDS_POSITIVE = {"mcdropout": "dropout", "melora-noise": "prior_noise"}
 
 
 def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readout, **options):
@@ -98,6 +118,50 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
     if unknown:
         raise ValueError(f"method {name!r}: unknown options {unknown}; it takes {sorted(allowed) + ['seed']}")
     return builder(base_model, config, as_readout(readout), options)
+
+
+def method_settings(name: str, config: MeLoRAConfig, train_config, given: set[str] | None = None):
+    """``(config, train_config)`` as method ``name`` runs them: its defining values and its defaults in
+    place, what was ``given`` (field names; None: every field whose value differs from the dataclass
+    default) kept. ``ConfigError`` for a given value that contradicts the method's definition, e.g.
+    ``kl="elementwise"`` for ``melora`` (that is ``melora-elementwise``)."""
+    configs = {"adapter": config, "train": train_config}
+
+    def section(key):
+        return "train" if key == "weight_decay" else "adapter"
+
+    def is_given(key):
+        if given is not None:
+            return key in given
+        default = next(f.default for f in dataclasses.fields(configs[section(key)]) if f.name == key)
+        return getattr(configs[section(key)], key) != default
+
+    updates = {"adapter": {}, "train": {}}
+    for key, value in DEFINED_BY.get(name, {}).items():
+        if is_given(key) and getattr(configs[section(key)], key) != value:
+            raise ConfigError(f"method {name!r} is defined with {key}={value!r}; "
+                              f"{key}={getattr(configs[section(key)], key)!r} contradicts it{_instead(name, key)}")
+        updates[section(key)][key] = value
+    for key, value in METHOD_DEFAULTS.get(name, {}).items():
+        if not is_given(key):
+            updates[section(key)][key] = value
+    config = dataclasses.replace(config, **updates["adapter"])
+    train_config = dataclasses.replace(train_config, **updates["train"])
+    knob = _NEEDS_POSITIVE.get(name)
+    if knob and not getattr(config, knob) > 0:
+        raise ConfigError(f"method {name!r} needs {knob} > 0, got {getattr(config, knob)!r}")
+    return config, train_config
+
+
+def _instead(name: str, key: str) -> str:
+    alternatives = {"kl": " (use method 'melora-elementwise' or 'melora')", "prior_noise": " (use method 'melora-noise')",
+                    "weight_decay": " (use method 'map')"}
+    return alternatives.get(key, "")
+
+
+def method_options(name: str, config: MeLoRAConfig, train_config) -> dict:
+    """The ``build_method`` options that carry the method's knobs (``METHOD_DEFAULTS``) from the settings."""
+    return {key: getattr(train_config if key == "weight_decay" else config, key) for key in METHOD_DEFAULTS.get(name, {})}
 
 
 def _seeded(seed: int, build: Callable[[], object]):

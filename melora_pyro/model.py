@@ -53,12 +53,12 @@ class MeLoRAModel(nn.Module):
         if any(isinstance(m, MeLoRALinear) for m in base_model.modules()):
             raise ValueError("base_model already carries Me-LoRA adapters; load a fresh copy of it")
         self.config, self.name = config, name
-        self.base = base_model.requires_grad_(False)
         self.readout = as_readout(readout)
         if isinstance(self.readout, LetterReadout):
             _check_label_ids(self.readout.label_token_ids, _vocab_size(base_model))
         layers = inject_adapters(base_model, config.target_modules, config.rank, config.scaling,
-                                 config.dropout)
+                                 config.dropout)  # checks everything first: a failure leaves base_model as it was
+        self.base = base_model.requires_grad_(False)
         self.prior = prior_from_config(config)
 
         # Group layers by shape; the order of self.layer_names is the order of C's first axis.
@@ -111,13 +111,14 @@ class MeLoRAModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, num_data: int | None = None,
                 choice_mask: torch.Tensor | None = None, **readout_inputs) -> torch.Tensor:
-        batch = _check_batch(input_ids, labels)
+        batch = _check_batch(input_ids, attention_mask, labels, num_data,
+                             left_padded=isinstance(self.readout, LetterReadout))
         logits = self.label_logits(input_ids, attention_mask, *self.sample_adapters(), **readout_inputs)
-        _check_labels(labels, logits.shape[-1])
+        _check_choices(labels, choice_mask, batch, logits.shape[-1])
         if choice_mask is not None:
             logits = logits.masked_fill(~choice_mask, float("-inf"))
         # The batch is the subsample; its indices only fix the likelihood's scale num_data / batch.
-        with pyro.plate("data", size=num_data or batch,
+        with pyro.plate("data", size=batch if num_data is None else num_data,
                         subsample=torch.arange(batch, device=input_ids.device)):
             pyro.deterministic("probs", logits.softmax(-1), event_dim=1)
             pyro.sample("y", dist.Categorical(logits=logits), obs=labels)
@@ -180,17 +181,35 @@ def _check_label_ids(ids, vocab_size) -> list[int]:
     return ids
 
 
-def _check_batch(input_ids, labels) -> int:
+def _check_batch(input_ids, attention_mask, labels, num_data, left_padded: bool) -> int:
+    """The batch size b of ``input_ids`` (b, T); ValueError for inputs that do not fit it (see ``forward``)."""
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}")
     batch = input_ids.shape[0]
+    if num_data is not None and not (isinstance(num_data, int) and not isinstance(num_data, bool) and num_data >= batch):
+        raise ValueError(f"num_data must be an integer >= the batch size {batch} (the training set's size), "
+                         f"got {num_data!r:.40}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
     if labels is not None and labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+    # The value check synchronises a GPU: under Pyro's validation only.
+    if left_padded and is_validation_enabled() and attention_mask is not None and not attention_mask[:, -1].bool().all():
+        rows = (~attention_mask[:, -1].bool()).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask must keep the last position of every row (inputs are left-padded); "
+                         f"rows {rows[:5]} mask it")
     return batch
 
 
-def _check_labels(labels, num_labels: int) -> None:
-    # Reading the range synchronises a GPU: checked under Pyro's validation (on by default).
-    if labels is not None and is_validation_enabled() and labels.numel() and (
-            labels.min() < 0 or labels.max() >= num_labels):
+def _check_choices(labels, choice_mask, batch: int, num_labels: int) -> None:
+    """ValueError for a ``choice_mask`` not ``(b, K)`` or labels outside 0..K-1 or ruled out by it."""
+    if choice_mask is not None and tuple(choice_mask.shape) != (batch, num_labels):
+        raise ValueError(f"choice_mask must have shape ({batch}, {num_labels}), got {tuple(choice_mask.shape)}")
+    if labels is None or not labels.numel() or not is_validation_enabled():
+        return
+    if labels.min() < 0 or labels.max() >= num_labels:
         raise ValueError(f"labels must lie in 0..{num_labels - 1}, got values {labels.unique().tolist()}")
+    if choice_mask is not None and not choice_mask.gather(1, labels[:, None]).all():
+        ruled_out = labels[~choice_mask.gather(1, labels[:, None]).squeeze(1)].tolist()
+        raise ValueError(f"labels {ruled_out[:5]} are choices the choice_mask rules out (their probability is 0)")

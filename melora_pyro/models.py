@@ -59,6 +59,8 @@ def load_base_model(
     """
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if os.path.isdir(name_or_path):
+        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+            raise ConfigError(f"model directory {name_or_path} has no config.json: not a Hugging Face checkpoint")
         source, hub_cache = name_or_path, None
     elif name_or_path == SMOLLM2_ALIAS:
         source, hub_cache = _smollm2_dir(cache_root / SMOLLM2_ALIAS), None

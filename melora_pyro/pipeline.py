@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, rundir
 from .cloze import ClozeTemplate, template_for
 from .packing import PackedExample, pack_batch, pack_example
 from .readouts import ClozeReadout, LetterReadout
@@ -19,7 +20,8 @@ from .metrics import summarize
 from .models import default_cache_dir, load_base_model
 from .prefix_cache import PrefixCachedLM, cache_path, top_layer_targets
 from .plots import reliability_diagram
-from .runs import RunSettings, resolve_device, save_settings
+from .checkpoint import checkpoint_root, find_latest_checkpoint
+from .runs import RunError, RunSettings, open_run_dir, resolve_device, save_settings
 from .train import evaluate, launched_accelerator, wait_for_everyone
 
 
@@ -86,9 +88,14 @@ def load_task(settings: RunSettings, tokenizer, log=print) -> Task:
     twice; its repeats are dropped, and the number of such examples is printed.
     """
     seed = settings.train.seed
+    if settings.data_dir is not None and not Path(settings.data_dir).is_dir():
+        raise RunError(f"setting data_dir: {settings.data_dir} is not a directory")
     train = _subset(data.load_examples(settings.dataset, "train", settings.data_dir, seed), settings.train_limit, seed)
     evals = _subset(data.load_examples(settings.dataset, settings.eval_split, settings.data_dir, seed),
                     settings.eval_limit, seed)
+    for split, examples in (("train", train), (settings.eval_split, evals)):
+        if not examples:
+            raise data.DatasetError(f"{settings.dataset} {split}: no examples (check --data-dir and the split's file)")
     num_labels = max(len(ex.choices) for ex in train + evals)
     task = Task(train, evals, tokenizer, num_labels, settings.max_length, resolve_device(settings.device),
                 settings.scoring, settings.normalization)
@@ -144,13 +151,16 @@ def load_base(settings: RunSettings):
     return model.to(resolve_device(settings.device)), tokenizer
 
 
-def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bool = True):
-    """Train ``settings.method`` into ``run_dir``; returns ``(method, task)``.
+def build_run(settings: RunSettings, progress: bool = True):
+    """``(method, task)``: the base model, the data and the untrained method of ``settings`` (as the
+    method runs them: ``RunSettings.for_method``), every setting checked (rank and targets against
+    the model, non-empty splits); nothing is written anywhere but the prefix cache of
+    ``adapt_top_layers`` (under the model cache).
 
-    Under ``accelerate launch`` (several processes) every process runs this: training is data
-    parallel (``train.launched_accelerator``) and rank 0 alone writes into ``run_dir``.
+    Under ``accelerate launch`` (several processes) every process runs this and the training:
+    training is data parallel (``train.launched_accelerator``) and rank 0 alone writes into the run.
     """
-    from .methods import build_method
+    from .methods import build_method, method_options
 
     accelerator = launched_accelerator()  # first: it binds this process to its device
     run_settings = settings
@@ -159,10 +169,10 @@ def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bo
         run_settings = dataclasses.replace(settings, device="cpu" if device.type == "cpu" else str(device))
     base, tokenizer = load_base(run_settings)
     task = load_task(run_settings, tokenizer)
-    if accelerator:
-        wait_for_everyone(accelerator)  # every process has checked run_dir before rank 0 writes
-    if not accelerator or accelerator.is_main_process:
-        save_settings(run_dir, settings)
+    world = accelerator.num_processes if accelerator else 1
+    if len(task.train) < settings.train.batch_size * world:
+        raise data.DatasetError(f"{settings.dataset} train: {len(task.train)} examples, fewer than one batch of "
+                                f"{settings.train.batch_size * world}; lower --batch-size or raise --train-limit")
     adapter, wrap = settings.adapter, (lambda lm: lm)
     if settings.adapt_top_layers:
         adapter, wrap = _prefix_cached(run_settings, base, task, progress)
@@ -171,8 +181,8 @@ def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bo
     def base_factory():  # the loaded base first, fresh copies for methods that need several
         return spare.pop() if spare else wrap(load_base(run_settings)[0])
 
-    method = build_method(settings.method, base_factory, adapter, task.readout, seed=settings.train.seed)
-    method.fit(task.train, task.collate, settings.train, run_dir=run_dir, resume=resume, progress=progress)
+    method = build_method(settings.method, base_factory, adapter, task.readout, seed=settings.train.seed,
+                          **method_options(settings.method, settings.adapter, settings.train))
     return method, task
 
 
@@ -197,25 +207,104 @@ def _prefix_cached(settings: RunSettings, base, task: Task, progress: bool):
             lambda lm: wrapped.pop(id(lm), None) or PrefixCachedLM(lm, split, cache))
 
 
-def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: bool = True):
-    """Score ``task.eval``; write ``metrics.json``, ``summary.md`` and ``reliability.png``.
+def is_writer() -> bool:
+    """Whether this process writes into the run directory (rank 0, or the only process)."""
+    accelerator = launched_accelerator()
+    return not accelerator or accelerator.is_main_process
 
-    Returns ``(metrics, (probs (N, K), labels (N,)))``.
-    """
+
+def fit_run(settings: RunSettings, method, task: Task, run_dir, resume: bool = False, progress: bool = True):
+    """Train ``method`` into the run directory ``run_dir`` (created by ``runs.open_run_dir``, whose lock
+    the caller holds); rank 0 writes ``settings.json`` and marks the run finished at the end."""
+    accelerator = launched_accelerator()
+    if accelerator:
+        wait_for_everyone(accelerator)  # rank 0 has prepared run_dir
+    run_dir = Path(run_dir)
+    if is_writer():
+        save_settings(run_dir, settings)
+        rundir.record_written(run_dir, "settings.json", *_fit_entries(method, run_dir))
+        rundir.update_marker(run_dir, finished=False)
+    method.fit(task.train, task.collate, settings.train, run_dir=run_dir, resume=resume, progress=progress)
+    if is_writer():
+        rundir.update_marker(run_dir, finished=True)
+    return method
+
+
+def _fit_entries(method, run_dir: Path) -> list[str]:
+    """The top-level entries of ``run_dir`` that training ``method`` writes (logs and checkpoints)."""
+    return sorted({path.relative_to(run_dir).parts[0] if path != run_dir else name
+                   for path in method.unit_dirs(run_dir) for name in ("train_log.jsonl", "checkpoints")})
+
+
+def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bool = True):
+    """Train ``settings.method`` into the run directory ``run_dir`` (created and locked here); returns
+    ``(method, task)``."""
+    settings = settings.for_method()
+    method, task = build_run(settings)
+    with open_run_dir(run_dir, writer=is_writer()):
+        fit_run(settings, method, task, run_dir, resume=resume, progress=progress)
+    return method, task
+
+
+def load_run(settings: RunSettings, run_dir):
+    """``(method, task)`` of a finished run, loaded from its last checkpoints: it never trains and writes
+    nothing. ``RunError`` for a run that is unfinished (killed, or ``settings.json`` asks for more steps
+    than were trained) or has lost its checkpoints."""
+    run_dir = Path(run_dir)
+    hint = f"continue it with: melora-pyro train --resume --run-dir {run_dir}"
+    if not rundir.read_marker(run_dir).get("finished"):
+        raise RunError(f"run {run_dir} is unfinished (its training was stopped); {hint}")
+    method, task = build_run(settings)
+    for unit_dir in method.unit_dirs(run_dir):
+        latest = find_latest_checkpoint(unit_dir)
+        if latest is None:
+            raise RunError(f"run {run_dir}: no checkpoint in {checkpoint_root(unit_dir)}; train it again")
+        step = int(latest.name.split("-")[1])
+        if step != settings.train.steps:
+            raise RunError(f"run {run_dir} is unfinished: its checkpoint {latest.name} is at step {step}, "
+                           f"settings.json asks for {settings.train.steps}; {hint}")
+    method.fit(task.train, task.collate, settings.train, run_dir=run_dir, resume=True, progress=False)
+    return method, task
+
+
+def score(settings: RunSettings, method, task: Task, progress: bool = True) -> tuple[dict, tuple]:
+    """Score ``task.eval``: ``(metrics, (probs (N, K), labels (N,)))``; writes nothing."""
     probs, labels = evaluate(lambda batch: method.predict(batch, settings.eval_samples), task.eval,
                              task.collate, settings.eval_batch_size, progress=progress)
     metrics = {**summarize(probs, labels), "n": len(labels), "method": settings.method,
                "dataset": settings.dataset, "split": settings.eval_split,
                "eval_samples": settings.eval_samples, "adapter_state": method.adapter_state()}
-    accelerator = launched_accelerator()  # evaluate() gathered every process's shard
-    if accelerator and not accelerator.is_main_process:
+    return metrics, (probs, labels)
+
+
+def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: bool = True):
+    """Score ``task.eval``; write ``metrics.json``, ``summary.md`` and ``reliability.png`` (the results
+    ``train`` leaves in its run directory). Returns ``(metrics, (probs (N, K), labels (N,)))``.
+    """
+    metrics, (probs, labels) = score(settings, method, task, progress=progress)
+    if not is_writer():  # evaluate() gathered every process's shard
         return metrics, (probs, labels)
     run_dir = Path(run_dir)
+    rundir.record_written(run_dir, "metrics.json", "reliability.png", "summary.md")
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     reliability_diagram({settings.method: (probs, labels)}, run_dir / "reliability.png",
                         title=f"{settings.dataset} ({settings.eval_split})")
     atomic_write_text(run_dir / "summary.md", summary_markdown({settings.method: metrics}, settings))
     return metrics, (probs, labels)
+
+
+def write_evaluation(metrics: dict, run_dir) -> Path:
+    """Write ``metrics`` of an ``evaluate`` to ``run_dir/eval-<split>-<time>.json`` (a new file; what
+    ``train`` wrote stays as it was); returns its path."""
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = run_dir / f"eval-{metrics['split']}-{stamp}.json", 1
+    while path.exists():
+        n += 1
+        path = run_dir / f"eval-{metrics['split']}-{stamp}-{n}.json"
+    rundir.record_written(run_dir, path.name)
+    atomic_write_text(path, json.dumps(metrics, indent=2))
+    return path
 
 
 def summary_markdown(results: dict[str, dict], settings: RunSettings, command: str | None = None) -> str:

@@ -1,24 +1,28 @@
 """Run settings and run directories: what a CLI run reads, and what it leaves behind.
 
 A run directory holds ``settings.json`` (everything needed to rebuild the run), ``train_log.jsonl``,
-``checkpoints/``, and after evaluation ``metrics.json``, ``summary.md`` and ``reliability.png``.
+``checkpoints/``, and after evaluation ``metrics.json``, ``summary.md`` and ``reliability.png``
+(``evaluate`` adds ``eval-<split>-<time>.json``); ``melora-run.json`` marks it as a run and
+``melora-run.lock`` names the process writing into it (see ``rundir``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
-import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import rundir
 from ._atomic import atomic_write_text
 from .config import MeLoRAConfig
 from .data import DATASETS
 from .errors import MeLoRAError
+from .methods import METHODS, method_settings
 from .readouts import NORMALIZATIONS, SCORINGS
 from .train import TrainConfig
 
@@ -36,8 +40,9 @@ class RunSettings:
     CUDA when available. ``scoring`` is the readout (``"cloze"``: each choice's text scored as a
     continuation, lm-evaluation-harness's way, normalised by ``normalization``; ``"letter"``: the next
     token over lettered choices, BLoB's way). ``adapt_top_layers`` N keeps the adapters of decoder
-    layers to the top N (plus ``lm_head`` if targeted) and caches the frozen layers below, on disk. ``trust_remote_code`` lets ``transformers`` run Python code shipped with a
-    hub model; it is off unless asked for (``--trust-remote-code``).
+    layers to the top N (plus ``lm_head`` if targeted) and caches the frozen layers below, on disk.
+    ``trust_remote_code`` lets ``transformers`` run Python code shipped with a hub model; it is off
+    unless asked for (``--trust-remote-code``), and ``load_settings`` never reads it from a run directory.
     """
 
     model: str = "smollm2-135m"
@@ -70,7 +75,7 @@ class RunSettings:
             ("model", text(self.model), "a model directory, hub id or 'smollm2-135m'"),
             ("dataset", isinstance(self.dataset, str) and self.dataset in DATASETS, f"one of {sorted(DATASETS)}"),
             ("data_dir", self.data_dir is None or text(self.data_dir), "a directory or None (the hub)"),
-            ("method", text(self.method), "a method name"),
+            ("method", self.method in METHODS, f"one of {list(METHODS)}"),
             ("max_length", positive(self.max_length), "a positive integer"),
             ("train_limit", self.train_limit is None or positive(self.train_limit), "None or a positive integer"),
             ("eval_limit", self.eval_limit is None or positive(self.eval_limit), "None or a positive integer"),
@@ -95,6 +100,13 @@ class RunSettings:
         if self.eval_split not in splits:
             raise RunError(f"setting eval_split must be one of {list(splits)} for dataset {self.dataset!r}, "
                            f"got {self.eval_split!r:.80}")
+
+    def for_method(self, given: set[str] | None = None) -> "RunSettings":
+        """These settings as ``method`` runs them (``methods.method_settings``): the values the method is
+        defined by and its defaults in place, ``given`` fields (None: non-default values) kept; a given
+        value that contradicts the method raises ``ConfigError``."""
+        adapter, train = method_settings(self.method, self.adapter, self.train, given)
+        return dataclasses.replace(self, adapter=adapter, train=train)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -145,48 +157,94 @@ def read_toml(path) -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of setting ``device``; ``RunError`` for one this torch does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise RunError(f"setting device {name!r}: this torch has no CUDA device {device.index or 0} "
+                       f"(torch {torch.__version__}, {torch.cuda.device_count()} CUDA devices); use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RunError(f"setting device {name!r}: MPS is not available here; use --device cpu or auto")
+    return device
 
 
-RUN_ENTRIES = frozenset({"settings.json", "train_log.jsonl", "checkpoints", "metrics.json", "summary.md",
-                         "reliability.png"})
+def check_run_dir(run_dir, overwrite: bool = False, resume: bool = False) -> Path:
+    """Check that a run may write into ``run_dir``, writing nothing; returns it as an absolute path.
 
-
-def prepare_run_dir(run_dir, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``run_dir``; an existing non-empty one is an error unless ``overwrite`` or ``resume``.
-
-    ``overwrite`` deletes only what a run writes: a directory holding anything else (``--run-dir .``
-    by mistake) is refused, never deleted.
+    An existing non-empty directory is an error unless ``resume`` (it must then be a run directory
+    this library created, see ``rundir``) or ``overwrite`` (it must be one, holding nothing but what
+    its runs wrote). A directory another live process writes into (its lock) is an error.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} exists and is not a directory")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise RunError(f"run directory {run_dir} exists and is not empty; pass --overwrite to replace "
-                           f"it or --resume to continue it")
-        strangers = _non_run_entries(run_dir)
-        if strangers:
-            raise RunError(f"refusing to overwrite {run_dir}: it holds files a run does not write "
-                           f"({', '.join(strangers[:3])}); delete it yourself or choose another --run-dir")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return run_dir
+    if resume:
+        rundir.read_marker(run_dir)
+    elif not overwrite:
+        raise RunError(f"run directory {run_dir} exists and is not empty; pass --overwrite to replace "
+                       f"it or --resume to continue it")
+    else:
+        rundir.check_overwrite(run_dir)
+    rundir.check_unlocked(run_dir)
     return run_dir
 
 
-def _non_run_entries(directory: Path, depth: int = 0) -> list[str]:
-    """Names under ``directory`` that no run writes (a run or a demo: run directories one level down)."""
-    strangers = []
-    for entry in sorted(directory.iterdir()):
-        if entry.name in RUN_ENTRIES:
-            continue
-        if depth == 0 and entry.is_dir() and not entry.is_symlink():
-            strangers += [f"{entry.name}/{name}" for name in _non_run_entries(entry, 1)]
+@contextlib.contextmanager
+def open_run_dir(run_dir, overwrite: bool = False, writer: bool = True):
+    """Create (or, with ``overwrite``, empty) the run directory ``run_dir`` and hold its lock for the body.
+
+    ``writer`` False (a process of a distributed run other than rank 0): nothing is created or locked.
+    What a run wrote goes only with ``overwrite``, and only after the lock is taken (``rundir``).
+    """
+    run_dir = Path(run_dir)
+    if not writer:
+        yield run_dir
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with rundir.lock_run_dir(run_dir):
+        if overwrite and rundir.is_owned(run_dir):
+            rundir.remove_run(run_dir)
+        if not rundir.is_owned(run_dir):
+            rundir.create_marker(run_dir)
+        yield run_dir
+
+
+# Settings a --resume may change: those that do not alter the trained run, and those recorded with
+# the step they took effect at (in the run's marker, rundir.MARKER).
+RESUME_FREE = frozenset({"eval_split", "eval_limit", "eval_samples", "eval_batch_size", "device",
+                         "trust_remote_code", "train.log_every", "train.checkpoint_every"})
+RESUME_RECORDED = frozenset({"train.lr", "train.guide_lr", "train.steps"})
+
+
+def resume_changes(saved: RunSettings, new: RunSettings, step: int) -> dict:
+    """The recorded changes ``{"train.lr": [old, new], ...}`` of a ``--resume`` at ``step``.
+
+    Raises ``RunError`` for a change that alters the run (another dataset, limit, model, method,
+    adapter...) or fewer steps than already trained.
+    """
+    old, now = _flat(saved.to_dict()), _flat(new.to_dict())
+    changed = {key: [old.get(key), now.get(key)] for key in sorted(set(old) | set(now)) if old.get(key) != now.get(key)}
+    altering = [key for key in changed if key not in RESUME_FREE | RESUME_RECORDED]
+    if altering:
+        raise RunError("--resume would change the run: " + ", ".join(
+            f"{key} {changed[key][0]!r:.40} -> {changed[key][1]!r:.40}" for key in altering)
+            + "; train into another --run-dir for a different run")
+    if new.train.steps < step:
+        raise RunError(f"--resume --steps {new.train.steps}: the run is already at step {step}")
+    return {key: value for key, value in changed.items() if key in RESUME_RECORDED}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in d.items():
+        if key in ("adapter", "train") and not prefix:
+            flat.update(_flat(value, f"{key}."))
         else:
-            strangers.append(entry.name)
-    return strangers
+            flat[prefix + key] = value
+    return flat
 
 
 def save_settings(run_dir, settings: RunSettings) -> None:
@@ -194,10 +252,13 @@ def save_settings(run_dir, settings: RunSettings) -> None:
 
 
 def load_settings(run_dir) -> RunSettings:
+    """The settings ``train`` wrote into ``run_dir``, with ``trust_remote_code`` off: whether code shipped
+    with a model may run is the caller's to say (``--trust-remote-code``), never a file's in the run."""
     path = Path(run_dir) / "settings.json"
     if not path.is_file():
         raise RunError(f"{run_dir} is not a run directory (no settings.json); train into it first")
     try:
-        return RunSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        settings = RunSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunError(f"{path}: not valid JSON: {e}") from e
+    return dataclasses.replace(settings, trust_remote_code=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -34,6 +35,7 @@ from .elbo import FullWeightELBO
 from .errors import MeLoRAError
 from .readouts import readout_inputs
 
+logger = logging.getLogger(__name__)
 Batch = dict  # input_ids, attention_mask, labels, choice_mask: tensors with a leading batch axis
 
 
@@ -42,7 +44,8 @@ class TrainConfig:
     """Optimisation settings. ``lr``/``guide_lr`` are AdamW learning rates; ``weight_decay`` acts
     on A and B only (the MAP reading of a Gaussian prior on them); the global batch is
     ``batch_size * grad_accum * num_processes`` examples per step (``batch_size`` per process and
-    micro-step).
+    micro-step). Every ``log_every`` steps one line goes to the ``melora_pyro.train`` logger; every
+    ``checkpoint_every`` steps (0: only at the end) and at the end a checkpoint is saved.
 
     ``lr_schedule``: ``"constant"`` (default) or ``"linear"``: the learning rates rise linearly from 0
     over the first ``warmup_ratio * steps`` steps, then fall linearly to 0 at ``steps`` (the reference
@@ -60,7 +63,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 0
+    checkpoint_every: int = 100
     lr_schedule: str = "constant"
     warmup_ratio: float = 0.0
     adam_eps: float = 1e-8
@@ -162,6 +165,9 @@ class BatchOrder:
     def __init__(self, num_examples: int, batch_size: int, seed: int):
         if num_examples < 1:
             raise ValueError("the training set is empty")
+        if batch_size > num_examples:
+            raise ValueError(f"a batch of {batch_size} examples from a training set of {num_examples}: "
+                             f"lower the batch size")
         self.num_examples, self.batch_size = num_examples, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.order, self.position = torch.randperm(num_examples, generator=self.generator), 0
@@ -293,6 +299,8 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
         checkpoint = find_latest_checkpoint(run_dir)
         if checkpoint is not None:
             step = load_training_state(checkpoint, model, guide, optimizer, order)
+            for group, fresh in zip(optimizer.param_groups, make_optimizer(model, guide, config).param_groups):
+                group["lr"] = fresh["lr"]  # this config's lr from here on (a --resume with a new --lr)
         if rank == 0:
             _truncate_log(log_file, step)
     for group in optimizer.param_groups:  # the schedule's base rates (a checkpoint restores its own)
@@ -333,6 +341,9 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
         if log_file is not None and rank == 0:
             with open(log_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if rank == 0 and (step % config.log_every == 0 or step == last_step):
+            logger.info("step %d/%d loss %.4g nll %.4g kl %.4g acc %.3f", step, last_step, totals["loss"],
+                        totals["nll"], totals["kl"], totals["acc"])
         if run_dir is not None and (step == last_step or (config.checkpoint_every
                                                               and step % config.checkpoint_every == 0)):
             if rank == 0:

@@ -36,8 +36,10 @@ def test_evaluate_reproduces_train_time_metrics(trained_run, capsys):
     before = json.loads((trained_run / "metrics.json").read_text())
     assert main(["evaluate", "--run-dir", str(trained_run), "--eval-samples", "0"]) == 0
     assert "ACC" in capsys.readouterr().out
-    after = json.loads((trained_run / "metrics.json").read_text())
+    [written] = trained_run.glob("eval-test-*.json")
+    after = json.loads(written.read_text())
     assert after["eval_samples"] == 0 and after["n"] == before["n"]
+    assert json.loads((trained_run / "metrics.json").read_text()) == before  # train's results stay
 
 
 def test_predict_prints_probabilities(trained_run, capsys):

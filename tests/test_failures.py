@@ -1,4 +1,4 @@
-"""Failure modes (README, section "Failure modes"): bad input gets a clear error, nothing is lost, nothing runs
+"""Failure modes (docs/failure_modes.md): bad input gets a clear error, nothing is lost, nothing runs
 that should not. Every case is checked for its message; CLI cases also for one line and the exit code."""
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from melora_pyro.data import DatasetError, Example, encode, label_token_ids
 from melora_pyro.errors import ConfigError, MeLoRAError
 from melora_pyro.io import CheckpointError, load_adapter_tensors
 from melora_pyro.models import load_base_model, tiny_llama
-from melora_pyro.runs import RunError, RunSettings, prepare_run_dir, read_toml
+from melora_pyro import rundir
+from melora_pyro.runs import RunError, RunSettings, check_run_dir, open_run_dir, read_toml
 from melora_pyro.train import BatchOrder, NumericalError, TrainConfig, make_optimizer, train
 
 # as in conftest.py (imported by path here: tests/ is not a package)
@@ -192,10 +193,10 @@ FLAG_CASES = [
     (["--lr", "-1"], "TrainConfig.lr must be a finite number >= 0, got -1.0"),
     (["--lr", "inf"], "TrainConfig.lr must be a finite number >= 0, got inf"),
     (["--checkpoint-every", "-1"], "TrainConfig.checkpoint_every must be an integer >= 0 (0: only at the end), got -1"),
-    (["--seed", "-3"], "TrainConfig.seed must be an integer in [0, 2**63), got -3"),
+    (["--seed", "-3"], "TrainConfig.seed must be an integer in [0, 2**32), got -3"),
     (["--dtype", "float16"], "setting dtype must be 'float32' or 'bfloat16', got 'float16'"),
     (["--device", "tpu"], "setting device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu'"),
-    (["--dataset", "squad"], "setting dataset must be one of ['arc-c', 'arc-e', 'boolq',"),
+    (["--dataset", "squad"], "setting dataset must be one of ['arc-c', 'arc-e', 'arc-e-slice', 'boolq',"),
     (["--dataset", "wg-s", "--eval-split", "validation"],
      "setting eval_split must be one of ['train', 'test'] for dataset 'wg-s', got 'validation'"),
     (["--max-length", "0"], "setting max_length must be a positive integer, got 0"),
@@ -550,7 +551,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("precious")
     (tmp_path / "checkpoints").mkdir()
     code, message = run_cli(capsys, "train", "--run-dir", tmp_path, "--overwrite")
-    assert code == 2 and f"refusing to overwrite {tmp_path}: it holds files a run does not write (notes.txt)" in message
+    assert code == 2 and f"{tmp_path} is not a run directory melora-pyro created (no melora-run.json)" in message
     assert (tmp_path / "notes.txt").read_text() == "precious"
     not_a_dir = tmp_path / "notes.txt"
     code, message = run_cli(capsys, "train", "--run-dir", not_a_dir)
@@ -558,14 +559,22 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_overwrite_replaces_a_run_or_demo_directory(tmp_path):
+    with open_run_dir(tmp_path / "demo"):
+        pass
     for run_dir in (tmp_path / "run", tmp_path / "demo" / "melora"):
-        (run_dir / "checkpoints" / "step-00000001").mkdir(parents=True)
-        (run_dir / "settings.json").write_text("{}")
+        with open_run_dir(run_dir):
+            (run_dir / "checkpoints" / "step-00000001").mkdir(parents=True)
+            (run_dir / "settings.json").write_text("{}")
+            rundir.record_written(run_dir, "checkpoints", "settings.json")
+    rundir.record_written(tmp_path / "demo", "melora")
     (tmp_path / "demo" / "summary.md").write_text("x")
+    rundir.record_written(tmp_path / "demo", "summary.md")
     for run_dir in (tmp_path / "run", tmp_path / "demo"):
         with pytest.raises(RunError, match="exists and is not empty"):
-            prepare_run_dir(run_dir)
-        assert list(prepare_run_dir(run_dir, overwrite=True).iterdir()) == []
+            check_run_dir(run_dir)
+        check_run_dir(run_dir, overwrite=True)
+        with open_run_dir(run_dir, overwrite=True):
+            assert sorted(p.name for p in run_dir.iterdir()) == ["melora-run.json", "melora-run.lock"]
 
 
 @pytest.mark.parametrize("setup, expected", [

@@ -34,13 +34,17 @@ class EnsembleMethod:
             raise ValueError(f"aggregate must be one of {AGGREGATIONS}, got {aggregate!r}")
         self.members, self.aggregate, self.name = list(members), aggregate, name
 
+    def unit_dirs(self, run_dir) -> list[Path]:
+        """Where each member keeps its log and checkpoints: ``run_dir/member-k``."""
+        return [Path(run_dir) / f"member-{k}" for k in range(len(self.members))]
+
     def fit(self, examples: Sequence, collate: Callable[[list], Batch], train_config: TrainConfig,
             run_dir: str | Path | None = None, resume: bool = False, progress: bool = False) -> list[dict]:
         """Train every member on the same batch sequence; returns the concatenated logs, each record
         tagged ``member``."""
         history = []
         for k, member in enumerate(self.members):
-            member_dir = Path(run_dir) / f"member-{k}" if run_dir is not None else None
+            member_dir = self.unit_dirs(run_dir)[k] if run_dir is not None else None
             if member_dir is not None:
                 member_dir.mkdir(parents=True, exist_ok=True)
             records = member.fit(examples, collate, train_config, run_dir=member_dir, resume=resume, progress=progress)

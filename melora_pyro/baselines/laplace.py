@@ -102,6 +102,10 @@ class LaplaceMethod:
         self.fit_posterior(examples, collate)
         return history
 
+    def unit_dirs(self, run_dir) -> list[Path]:
+        """Where the MAP adapter keeps its log and checkpoints: ``[run_dir]``."""
+        return self.map.unit_dirs(run_dir)
+
     def fit_posterior(self, examples: Sequence, collate: Callable[[list], Batch]) -> float:
         """Accumulate the curvature on ``examples`` and choose the prior precision; returns it."""
         self.fisher = self.fisher_diagonal(examples, collate)

@@ -65,6 +65,10 @@ class PyroMethod:
         return train(self.model, self.guide, examples, collate, self.train_config(train_config),
                      run_dir=run_dir, resume=resume, elbo=self.elbo, progress=progress, update=self.update)
 
+    def unit_dirs(self, run_dir) -> list[Path]:
+        """Where ``fit(run_dir=run_dir)`` keeps the log and checkpoints of each adapter set: ``[run_dir]``."""
+        return [Path(run_dir)]
+
     @torch.no_grad()
     def predict(self, batch: Batch, num_samples: int) -> torch.Tensor:
         """Predictive label probabilities ``(batch, K)`` averaged over ``num_samples`` draws."""

@@ -37,6 +37,10 @@ class ZeroShotMethod:
     def adapter_state(self) -> int:
         return 0
 
+    def unit_dirs(self, run_dir) -> list:
+        """No adapter set, so no checkpoint directory."""
+        return []
+
     @property
     def units(self) -> list:
         return []
