@@ -92,12 +92,10 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """All four metrics: ``{"acc", "ece", "nll", "brier"}`` (ECE with 15 bins)."""
-    return {
-        "acc": accuracy(probs, labels),
-        "ece": ece(probs, labels),
-        "nll": nll(probs, labels),
-        "brier": brier(probs, labels),
-    }
+    return {name: metric(probs, labels) for name, metric in METRICS.items()}
+
+
+METRICS = {"acc": accuracy, "ece": ece, "nll": nll, "brier": brier}
 
 
 def bootstrap_ci(metric, probs: torch.Tensor, labels: torch.Tensor, other: torch.Tensor | None = None,
