@@ -63,7 +63,8 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, label_
     """Build method ``name`` (one of ``METHODS``) on ``base_model`` (a fresh model or a zero-arg factory).
 
     ``config`` gives the adapter shape (rank, alpha, targets, prior std); each method pins the fields it
-    is defined by (e.g. ``melora-elementwise`` sets ``kl="elementwise"``) and keeps the rest.
+    is defined by (e.g. ``melora-elementwise`` sets ``kl="elementwise"``, the plain-LoRA methods and
+    ``blob`` use ``gauge="none"``) and keeps the rest.
 
     Options (all optional):
         seed (0): seed of the adapter initialisation (ensemble member k uses ``seed + k``); the global
@@ -100,6 +101,8 @@ def _fresh_base(base_model: BaseSource) -> nn.Module:
 
 
 def _point(base_model, config, ids, weight_decay: float, seed: int, name: str, dropout_at_test=False) -> PointMethod:
+    config = dataclasses.replace(config, gauge="none")  # plain LoRA: C = I, A and B as stored
+
     def build():
         model = MeLoRAModel(_fresh_base(base_model), config, ids, name=name)
         return PointMethod(model, IdentityGuide(model), train_overrides={"weight_decay": weight_decay},

@@ -24,6 +24,8 @@ Deviations from BLoB's code, stated plainly:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable, Sequence
 
@@ -50,7 +52,8 @@ class BLoBModel(MeLoRAModel):
 
     def __init__(self, base_model: nn.Module, config: MeLoRAConfig, label_token_ids: Sequence[int],
                  name: str = "blob"):
-        super().__init__(base_model, config, label_token_ids, name=name)
+        # C = I: A and B as stored (the unit gauge would fix the update's size).
+        super().__init__(base_model, dataclasses.replace(config, gauge="none"), label_token_ids, name=name)
         self.a_shapes = [tuple(a.shape) for a in self.lora_A]
         self.lora_A = nn.ParameterList()  # A is latent: its mean and std belong to the guide
         device = self.lora_B[0].device
