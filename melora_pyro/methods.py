@@ -13,6 +13,8 @@ name                        what                                                
 ==========================  ================================================================  =============================
 ``mle``                     plain LoRA (``guides.IdentityGuide``, C = I), weight decay 0       r n + r m
 ``map``                     plain LoRA, AdamW weight decay ``MAP_WEIGHT_DECAY`` = 1e-2         r n + r m
+``map-ts``                  ``map`` + one temperature fitted by NLL on a validation split      r n + r m (+ 1)
+                            (``baselines.temperature``; ``val_examples`` or a hold-out of train)
 ``mcdropout``               plain LoRA (MLE) with adapter-input dropout 0.1, kept on at test;  r n + r m
                             prediction = mean over ``num_samples`` dropout masks
 ``ensemble``                3 independently initialised ``map`` adapters (seeds seed+k),       3 (r n + r m)
@@ -44,16 +46,17 @@ from torch import nn
 from guides import IdentityGuide, MeanFieldGuide
 
 from .baselines import (BLoBELBO, BLoBGuide, BLoBModel, DiagonalGuide, DiagonalMeLoRAModel, EnsembleMethod,
-                        LaplaceMethod, PointMethod, PyroMethod)
+                        LaplaceMethod, PointMethod, PyroMethod, TemperatureScaledMethod)
 from .config import MeLoRAConfig
 from .model import MeLoRAModel
 
-METHODS = ("mle", "map", "mcdropout", "ensemble", "laplace", "blob",
+METHODS = ("mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob",
            "melora", "melora-elementwise", "melora-noise", "melora-diag")
 MAP_WEIGHT_DECAY = 1e-2       # AdamW's decoupled weight decay on A and B for map / ensemble / laplace
 MC_DROPOUT = 0.1              # adapter-input dropout of mcdropout, in training and at test
 ENSEMBLE_SIZE = 3
 DEFAULT_PRIOR_NOISE = 0.05    # eta of melora-noise when config.prior_noise is 0
+VALIDATION_METHODS = ("map-ts",)  # methods that fit something on validation data (option val_examples)
 
 BaseSource = nn.Module | Callable[[], nn.Module]
 
@@ -75,6 +78,8 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, label_
         prior_noise: for ``melora-noise`` (default ``config.prior_noise`` or 0.05).
         init_scale: initial std of the variational guides (default 1e-2).
         kl_reweighting: for ``blob``, BLoB's KL schedule (default True; False: the plain ELBO).
+        val_examples, validation: for ``map-ts``, the validation examples the temperature is fitted on
+            and how to describe them in tables (default: a seeded 10% hold-out of the training examples).
         prior_precision, fisher, max_fisher_examples, val_examples, val_samples: for ``laplace``
             (see ``baselines.LaplaceMethod``).
     Returns an object with ``fit``, ``predict``, ``adapter_state`` (``PyroMethod``, ``EnsembleMethod``
@@ -116,6 +121,13 @@ def _mle(base_model, config, ids, options):
 
 def _map(base_model, config, ids, options):
     return _point(base_model, config, ids, options.get("weight_decay", MAP_WEIGHT_DECAY), options.get("seed", 0), "map")
+
+
+def _map_ts(base_model, config, ids, options):
+    base = _map(base_model, config, ids, options)
+    val = options.get("val_examples")
+    return TemperatureScaledMethod(base, val_examples=val, validation=options.get(
+        "validation", "given validation examples" if val is not None else ""))
 
 
 def _mcdropout(base_model, config, ids, options):
@@ -172,6 +184,7 @@ _LAPLACE_OPTIONS = ("weight_decay", "prior_precision", "fisher", "max_fisher_exa
 _BUILDERS = {
     "mle": (_mle, ()),
     "map": (_map, ("weight_decay",)),
+    "map-ts": (_map_ts, ("weight_decay", "val_examples", "validation")),
     "mcdropout": (_mcdropout, ("dropout",)),
     "ensemble": (_ensemble, ("weight_decay", "ensemble_size")),
     "laplace": (_laplace, _LAPLACE_OPTIONS),

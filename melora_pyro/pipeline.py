@@ -107,9 +107,23 @@ def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bo
         return spare.pop() if spare else load_base(settings)[0]
 
     method = build_method(settings.method, base_factory, settings.adapter, task.label_token_ids,
-                          seed=settings.train.seed)
+                          seed=settings.train.seed, **validation_options(settings, task))
     method.fit(task.train, task.collate, settings.train, run_dir=run_dir, resume=resume, progress=progress)
     return method, task
+
+
+def validation_options(settings: RunSettings, task: Task) -> dict:
+    """``{"val_examples", "validation"}`` for a method that fits on validation data
+    (``methods.VALIDATION_METHODS``): the dataset's validation split, else a seeded hold-out of
+    ``task.train``, which is then removed from it (``data.train_and_validation``). ``{}`` otherwise."""
+    from .methods import VALIDATION_METHODS
+
+    if settings.method not in VALIDATION_METHODS:
+        return {}
+    task.train, val, where = data.train_and_validation(settings.dataset, task.train, settings.data_dir,
+                                                       settings.train.seed)
+    _check_prompts_fit(val, task.tokenizer, settings.max_length, f"{settings.dataset} validation")
+    return {"val_examples": val, "validation": where}
 
 
 def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: bool = True):
@@ -122,6 +136,8 @@ def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: b
     metrics = {**summarize(probs, labels), "n": len(labels), "method": settings.method,
                "dataset": settings.dataset, "split": settings.eval_split,
                "eval_samples": settings.eval_samples, "adapter_state": method.adapter_state()}
+    if getattr(method, "temperature", None) is not None:
+        metrics.update(temperature=method.temperature, validation=method.validation)
     accelerator = launched_accelerator()  # evaluate() gathered every process's shard
     if accelerator and not accelerator.is_main_process:
         return metrics, (probs, labels)
@@ -149,4 +165,8 @@ def summary_markdown(results: dict[str, dict], settings: RunSettings, command: s
     for name, m in results.items():
         lines.append(f"| {name} | {m['n']} | {m['acc']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} | "
                      f"{m['brier']:.4f} | {m['adapter_state']:,} |")
+    fitted = [f"{name}: T = {m['temperature']:.3f} fitted on the {m['validation']}"
+              for name, m in results.items() if "temperature" in m]
+    if fitted:
+        lines += ["", "Temperature scaling (never fitted on the test split): " + "; ".join(fitted) + "."]
     return "\n".join(lines) + "\n"
