@@ -289,7 +289,7 @@ def hand_loss(model: MeLoRAModel, guide: MeanFieldGuide, ids, mask, labels, num_
     """The negative ELBO computed by hand, without Pyro: ``C = M + Omega * eps``, cross-entropy
     scaled by ``num_data / batch`` plus the closed-form full-weight KL from the Gram matrices."""
     cfg = model.config
-    A, B = list(model.lora_A), list(model.lora_B)
+    A, B = model.fix_gauge(list(model.lora_A), list(model.lora_B))
     M, omega = guide.loc, guide.log_scale.exp()
     C = M + omega * torch.empty_like(M).normal_()   # the draw torch.distributions.Normal.rsample makes
     logits = model.label_logits(ids, mask, A, B, C)
@@ -575,7 +575,7 @@ def scoring(model: MeLoRAModel, batch, *, num_samples, repeats, device) -> dict:
     """Forward-equivalents of posterior-averaged scoring, and where the logits are computed."""
     guide = MeanFieldGuide(model)
     ids, mask, _ = make_batch(*batch, vocab_of(model), device)
-    A, B = list(model.lora_A), list(model.lora_B)
+    A, B = model.fix_gauge(list(model.lora_A), list(model.lora_B))
     predictive = pyro.infer.Predictive(model, guide=guide, num_samples=num_samples, return_sites=["probs"])
 
     def plain():

@@ -12,20 +12,18 @@ from melora_pyro._params import pyro_param
 class MeanFieldGuide(nn.Module):
     """``q(C) = N(M, diag(Omega^2))`` elementwise, for each of the model's L adapters.
 
-    Holds ``loc`` = M ``(L, r, r)``, started at the identity so that B C A starts as B A (M = 0
-    would zero every gradient and make the full-weight KL infinite), and ``log_scale`` = log Omega
-    ``(L, r, r)``, started at ``log(init_scale)``.
+    Holds ``loc`` = M ``(L, r, r)``, started at ``model.initial_c()`` (0 in the unit gauge, the
+    identity with ``gauge="none"``), and ``log_scale`` = log Omega ``(L, r, r)``, started at
+    ``log(init_scale)``. ``param_roles`` lets the training loop give each its own learning rate.
     """
 
     def __init__(self, model, init_scale: float = 1e-2):
         super().__init__()
         if init_scale <= 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
-        L, r = model.num_adapters, model.rank
         self.prefix = f"{model.name}.guide"
-        device = model.lora_A[0].device
-        self.loc = nn.Parameter(torch.eye(r, device=device).repeat(L, 1, 1))
-        self.log_scale = nn.Parameter(torch.full((L, r, r), math.log(init_scale), device=device))
+        self.loc = nn.Parameter(model.initial_c())
+        self.log_scale = nn.Parameter(torch.full_like(self.loc, math.log(init_scale)))
 
     @property
     def scale(self) -> torch.Tensor:
@@ -37,6 +35,10 @@ class MeanFieldGuide(nn.Module):
         scale = pyro_param(f"{self.prefix}.log_scale", self.log_scale).exp()
         with pyro.plate("adapters", loc.shape[0]):
             return pyro.sample("C", dist.Normal(loc, scale).to_event(2))
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        """M and log Omega for ``train.make_optimizer``'s ``guide_lr`` and ``guide_scale_lr`` groups."""
+        return {"loc": [self.loc], "scale": [self.log_scale]}
 
     def posterior_mean(self) -> dict[str, torch.Tensor]:
         """``{"C": M}``, the posterior mean ``(L, r, r)``."""

@@ -13,8 +13,7 @@ class DeltaGuide(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.prefix = f"{model.name}.guide"
-        self.loc = nn.Parameter(torch.eye(model.rank, device=model.lora_A[0].device)
-                                .repeat(model.num_adapters, 1, 1))
+        self.loc = nn.Parameter(model.initial_c())
 
     def forward(self, *args, **kwargs):
         loc = pyro_param(f"{self.prefix}.loc", self.loc)
@@ -29,10 +28,15 @@ class IdentityGuide(nn.Module):
     """C fixed at the identity, no latent and no prior term: the model is plain LoRA ``B A``.
 
     The site is marked ``infer={"fixed": True}``, which tells ``FullWeightELBO`` to skip its prior.
+    It needs a model with ``MeLoRAConfig(gauge="none")``: in the unit gauge A and B have unit length,
+    so a fixed C = I could not learn the update's size.
     """
 
     def __init__(self, model):
         super().__init__()
+        if model.config.gauge != "none":
+            raise ValueError(f"IdentityGuide (plain LoRA, C = I) needs MeLoRAConfig(gauge='none'), "
+                             f"got gauge={model.config.gauge!r}: in that gauge C carries the update's size")
         self.register_buffer("loc", torch.eye(model.rank, device=model.lora_A[0].device)
                              .repeat(model.num_adapters, 1, 1))
 

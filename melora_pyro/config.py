@@ -8,6 +8,7 @@ from .errors import ConfigError
 
 KL_KINDS = ("full_weight", "elementwise")
 LR_SCHEDULES = ("constant", "linear")
+GAUGES = ("none", "unit")
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,14 @@ class MeLoRAConfig:
         kl: ``"full_weight"`` (KL between the weight-space distributions, depends on A and B) or
             ``"elementwise"`` (KL between q(C) and an isotropic prior on C).
         dropout: dropout probability on the adapter input (training mode only).
-        init_b_std: standard deviation of B's Gaussian initialisation; it must be non-zero
-            (B = 0 makes the full-weight KL infinite and, with M = I, every gradient vanish).
+        init_b_std: standard deviation of B's Gaussian initialisation with ``gauge="none"``; it must be
+            non-zero (B = 0 makes the full-weight KL infinite and, with M = I, every gradient vanish).
+        gauge: how A and B enter ``dW = s B C A``. ``"unit"``: the rows of A and the columns of B are
+            normalised to unit length (the stored tensors are free), so C carries the magnitude and
+            starts at 0 (``dW = 0``); this removes the flat directions ``B -> B D1, A -> D2 A,
+            C -> D1^-1 C D2^-1`` along which training with the full-weight KL switched the adapter off
+            (DESIGN.md section 3). ``"none"``: A and B as stored, C starts at the identity (plain
+            LoRA when C is fixed at I: ``guides.IdentityGuide`` needs it).
     """
 
     rank: int = 8
@@ -38,6 +45,7 @@ class MeLoRAConfig:
     kl: str = "full_weight"
     dropout: float = 0.0
     init_b_std: float = 1e-3
+    gauge: str = "none"
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -60,6 +68,7 @@ class MeLoRAConfig:
             ("kl", isinstance(self.kl, str) and self.kl in KL_KINDS, f"one of {KL_KINDS}"),
             ("dropout", _is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
             ("init_b_std", _is_number(self.init_b_std) and self.init_b_std > 0, "a positive number"),
+            ("gauge", isinstance(self.gauge, str) and self.gauge in GAUGES, f"one of {GAUGES}"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -94,8 +103,9 @@ def check_train_config(config) -> None:
         "batch_size": (_is_int(config.batch_size) and config.batch_size >= 1, "a positive integer"),
         "grad_accum": (_is_int(config.grad_accum) and config.grad_accum >= 1, "a positive integer"),
         "lr": (_is_number(config.lr) and config.lr >= 0, "a finite number >= 0"),
-        "guide_lr": (config.guide_lr is None or _is_number(config.guide_lr) and config.guide_lr >= 0,
-                     "None or a finite number >= 0"),
+        "guide_lr": (_is_number(config.guide_lr) and config.guide_lr >= 0, "a finite number >= 0 (0: frozen)"),
+        "guide_scale_lr": (_is_number(config.guide_scale_lr) and config.guide_scale_lr >= 0,
+                           "a finite number >= 0 (0: frozen)"),
         "weight_decay": (_is_number(config.weight_decay) and config.weight_decay >= 0, "a finite number >= 0"),
         "max_grad_norm": (config.max_grad_norm is None
                           or _is_number(config.max_grad_norm) and config.max_grad_norm >= 0,

@@ -30,6 +30,7 @@ LABEL_LETTERS = "ABCDEFGH"
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 MMLU_HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
 BOOLQ_TRAIN_FRACTION = 0.8
+VALIDATION_FRACTION = 0.1  # of train, held out where a dataset has no validation split (holdout_validation)
 BOOLQ_OFFLINE_NOTE = (
     "BoolQ offline: the public train split is not available offline, so train/test are a seeded "
     "80/20 split of the 3,270-row validation file (boolq/val.jsonl); the hub path uses the real splits."
@@ -329,6 +330,30 @@ def load_examples(name: str, split: str, data_dir: str | Path | None = None, see
     reader = _read_csv(path, source) if source.endswith(".csv") else _read_jsonl(path, source)
     examples = [spec.parse(row, _Loc(source, line)) for line, row in reader]
     return _holdout_split(examples, split, seed) if spec.holdout else examples
+
+
+def holdout_validation(examples: list, seed: int, fraction: float = VALIDATION_FRACTION) -> tuple[list, list, str]:
+    """``(train, validation, description)``: a seeded ``fraction`` of ``examples`` (at least one) held out,
+    both parts in input order; ``description`` says so for tables. Needs at least two examples."""
+    if len(examples) < 2:
+        raise ValueError(f"a validation hold-out needs at least 2 training examples, got {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:min(len(examples) - 1, max(1, round(fraction * len(examples))))])
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    validation = [ex for i, ex in enumerate(examples) if i in held]
+    return train, validation, f"seeded hold-out of train ({len(validation)} of {len(examples)}, seed {seed})"
+
+
+def train_and_validation(name: str, train: list, data_dir: str | Path | None = None, seed: int = 0
+                         ) -> tuple[list, list, str]:
+    """``(train, validation, description)`` for fitting on held-out data (temperature scaling): the
+    dataset's validation split where it has one (ARC, OBQA, toy), with ``train`` unchanged; else
+    :func:`holdout_validation` of ``train``. Never the test split."""
+    if "validation" in DATASETS[name].splits:
+        validation = load_examples(name, "validation", data_dir, seed)
+        return train, validation, f"{name} validation split ({len(validation)})"
+    return holdout_validation(train, seed)
 
 
 def _holdout_split(examples: list[Example], split: str, seed: int) -> list[Example]:

@@ -165,8 +165,8 @@ def merge_adapters(model: MeLoRAModel, guide: nn.Module) -> nn.Module:
     """
     C = guide.posterior_mean()["C"]
     base = model.base
-    for path, layer, a, b, c in zip(model.layer_names, model._layers, _unbind_all(model.lora_A),
-                                    _unbind_all(model.lora_B), C.unbind(0)):
+    A, B = model.fix_gauge(list(model.lora_A), list(model.lora_B))
+    for path, layer, a, b, c in zip(model.layer_names, model._layers, _unbind_all(A), _unbind_all(B), C.unbind(0)):
         linear = layer.base
         delta = layer.scaling * (b @ c @ a)
         if linear.weight is base.get_input_embeddings().weight:

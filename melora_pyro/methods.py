@@ -14,6 +14,8 @@ name                        what                                                
 ``zero-shot``               the base model, no adapters (``baselines.ZeroShotMethod``)          0
 ``mle``                     plain LoRA (``guides.IdentityGuide``, C = I), weight decay 0       r n + r m
 ``map``                     plain LoRA, AdamW weight decay ``MAP_WEIGHT_DECAY`` = 1e-5         r n + r m
+``map-ts``                  ``map`` + one temperature fitted by NLL on a validation split      r n + r m (+ 1)
+                            (``baselines.temperature``; ``val_examples`` or a hold-out of train)
 ``mcdropout``               plain LoRA (MLE) with adapter-input dropout 0.1, kept on at test;  r n + r m
                             prediction = mean over ``num_samples`` dropout masks
 ``ensemble``                3 plain LoRA adapters, initialised with seeds seed+k, weight      3 (r n + r m)
@@ -48,19 +50,21 @@ from torch import nn
 from guides import IdentityGuide, MeanFieldGuide
 
 from .baselines import (BLoBELBO, BLoBGuide, BLoBMethod, BLoBModel, BLoBNLLELBO, BLoBUpdate, DiagonalGuide,
-                        DiagonalMeLoRAModel, EnsembleMethod, LaplaceMethod, PointMethod, PyroMethod, ZeroShotMethod)
+                        DiagonalMeLoRAModel, EnsembleMethod, LaplaceMethod, PointMethod, PyroMethod, TemperatureScaledMethod,
+                        ZeroShotMethod)
 from .config import MeLoRAConfig
 from .errors import ConfigError
 from .model import MeLoRAModel
 from .readouts import as_readout
 
-METHODS = ("zero-shot", "mle", "map", "mcdropout", "ensemble", "laplace", "blob", "blob-adamw",
+METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "blob-adamw",
            "melora", "melora-elementwise", "melora-noise", "melora-diag")
 MAP_WEIGHT_DECAY = 1e-5       # AdamW's decoupled weight decay on A and B for map / laplace (BLoB's map scripts)
 ENSEMBLE_WEIGHT_DECAY = 0.0   # the deep-ensemble scripts set none
 MC_DROPOUT = 0.1              # adapter-input dropout of mcdropout, in training and at test
 ENSEMBLE_SIZE = 3
 DEFAULT_PRIOR_NOISE = 0.05    # eta of melora-noise when config.prior_noise is 0
+VALIDATION_METHODS = ("map-ts",)  # methods that fit something on validation data (option val_examples)
 
 BaseSource = nn.Module | Callable[[], nn.Module]
 
@@ -91,7 +95,8 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
     ``LetterReadout(label_token_ids)``); a list of label token ids means the letter readout.
 
     ``config`` gives the adapter shape (rank, alpha, targets, prior std); each method pins the fields it
-    is defined by (e.g. ``melora-elementwise`` sets ``kl="elementwise"``) and keeps the rest.
+    is defined by (e.g. ``melora-elementwise`` sets ``kl="elementwise"``, the plain-LoRA methods and
+    ``blob`` use ``gauge="none"``) and keeps the rest.
 
     Options (all optional):
         seed (0): seed of the adapter initialisation (ensemble member k uses ``seed + k``); the global
@@ -108,6 +113,8 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
         kl_reweighting: for ``blob-adamw`` (default True; False: the plain ELBO, KL weight 1).
         prior_precision, fisher, max_fisher_examples, val_examples, val_samples, predictive, glm_samples:
             for ``laplace`` (see ``baselines.LaplaceMethod``).
+        val_examples, validation: for ``map-ts``, the validation examples the temperature is fitted on
+            and how to describe them in tables (default: a seeded 10% hold-out of the training examples).
     Returns an object with ``fit``, ``predict``, ``adapter_state`` (``PyroMethod``, ``EnsembleMethod``
     or ``LaplaceMethod``). Raises ``ValueError`` for an unknown name or option.
     """
@@ -185,6 +192,8 @@ def _zero_b(model: MeLoRAModel) -> MeLoRAModel:
 
 
 def _point(base_model, config, ids, weight_decay: float, seed: int, name: str, dropout_at_test=False) -> PointMethod:
+    config = dataclasses.replace(config, gauge="none")  # plain LoRA: C = I, A and B as stored
+
     def build():
         model = _zero_b(MeLoRAModel(_fresh_base(base_model), config, ids, name=name))
         return PointMethod(model, IdentityGuide(model), train_overrides={"weight_decay": weight_decay},
@@ -198,6 +207,13 @@ def _mle(base_model, config, ids, options):
 
 def _map(base_model, config, ids, options):
     return _point(base_model, config, ids, options.get("weight_decay", MAP_WEIGHT_DECAY), options.get("seed", 0), "map")
+
+
+def _map_ts(base_model, config, ids, options):
+    base = _map(base_model, config, ids, options)
+    val = options.get("val_examples")
+    return TemperatureScaledMethod(base, val_examples=val, validation=options.get(
+        "validation", "given validation examples" if val is not None else ""))
 
 
 def _mcdropout(base_model, config, ids, options):
@@ -278,6 +294,7 @@ _BUILDERS = {
     "zero-shot": (_zero_shot, ()),
     "mle": (_mle, ()),
     "map": (_map, ("weight_decay",)),
+    "map-ts": (_map_ts, ("weight_decay", "val_examples", "validation")),
     "mcdropout": (_mcdropout, ("dropout",)),
     "ensemble": (_ensemble, ("weight_decay", "ensemble_size", "aggregate")),
     "laplace": (_laplace, _LAPLACE_OPTIONS),

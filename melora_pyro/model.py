@@ -38,7 +38,10 @@ class MeLoRAModel(nn.Module):
     ``ClozeReadout`` (each choice's continuation log-likelihood, packed).
 
     A and B are stacked per shape group (layers with equal ``(n, m)`` share one ``(L_g, r, n)``
-    tensor) so that a step touches a handful of Pyro sites however many layers are adapted.
+    tensor) so that a step touches a handful of Pyro sites however many layers are adapted. With
+    ``config.gauge == "unit"`` the layers use A with unit rows and B with unit columns
+    (:meth:`fix_gauge`) and C starts at 0; with ``"none"`` (the default) they use A and B as stored
+    and C starts at the identity (:meth:`initial_c`).
 
     Args:
         base_model: a transformers causal LM (its parameters are frozen); inputs must be left-padded.
@@ -77,7 +80,17 @@ class MeLoRAModel(nn.Module):
             for a in A:  # peft's LoRA initialisation of A
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A.append(nn.Parameter(A))
-            self.lora_B.append(nn.Parameter(torch.randn(len(paths), m, r, device=device) * config.init_b_std))
+            self.lora_B.append(nn.Parameter(self._initial_b(len(paths), m, r, device)))
+
+    def _initial_b(self, num_layers: int, m: int, r: int, device) -> torch.Tensor:
+        """``(L_g, m, r)``: small Gaussian (``init_b_std``) as stored; in the unit gauge only B's
+        directions count, so B^T is drawn like A (a tiny B would turn each Adam step into a large rotation)."""
+        if self.config.gauge == "none":
+            return torch.randn(num_layers, m, r, device=device) * self.config.init_b_std
+        B_t = torch.empty(num_layers, r, m, device=device)
+        for b in B_t:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        return B_t.mT.contiguous()
 
     @property
     def num_adapters(self) -> int:
@@ -94,10 +107,25 @@ class MeLoRAModel(nn.Module):
         return getattr(self.readout, "label_token_ids", None)
 
     def adapter_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Register A and B with Pyro; returns the per-group stacks ``A_g (L_g, r, n)``, ``B_g (L_g, m, r)``."""
+        """Register A and B with Pyro; returns the per-group stacks ``A_g (L_g, r, n)``, ``B_g (L_g, m, r)``
+        as the layers use them (:meth:`fix_gauge`)."""
         A = [pyro_param(f"{self.name}.lora_A.{g}", a) for g, a in enumerate(self.lora_A)]
         B = [pyro_param(f"{self.name}.lora_B.{g}", b) for g, b in enumerate(self.lora_B)]
-        return A, B
+        return self.fix_gauge(A, B)
+
+    def fix_gauge(self, A: list[torch.Tensor], B: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The stacks the layers use: in the unit gauge rows of A and columns of B scaled to length 1
+        (differentiably, so their lengths get no gradient), else ``(A, B)`` unchanged."""
+        if self.config.gauge == "none":
+            return A, B
+        return [a / a.norm(dim=-1, keepdim=True) for a in A], [b / b.norm(dim=-2, keepdim=True) for b in B]
+
+    def initial_c(self) -> torch.Tensor:
+        """Where a guide starts C, ``(L, r, r)``: 0 in the unit gauge (``dW = 0``, and the gradient in C
+        does not vanish since A and B have unit length), the identity with ``gauge="none"`` (``dW = s B A``,
+        small as B is)."""
+        eye = torch.eye(self.rank, device=self.lora_B[0].device).repeat(self.num_adapters, 1, 1)
+        return eye if self.config.gauge == "none" else torch.zeros_like(eye)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable adapter tensors ``{"lora_A.g": (L_g, r, n), "lora_B.g": (L_g, m, r)}``."""

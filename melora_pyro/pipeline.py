@@ -45,6 +45,7 @@ class Task:
     scoring: str = "letter"
     normalization: str = "sum"
     template: ClozeTemplate | None = None
+    dataset: str = ""
     _packed: dict = field(default_factory=dict, repr=False)
 
     def collate(self, examples: list) -> dict:
@@ -72,6 +73,22 @@ class Task:
     def label_token_ids(self) -> list[int]:
         return data.label_token_ids(self.tokenizer, self.num_labels)
 
+    def prepare(self, examples: list, split: str, log=print) -> list:
+        """``examples`` checked to fit (a bad one fails now, before training). Under cloze scoring a
+        repeated *wrong* choice (OpenBookQA's train file has three) would be scored twice: its repeats
+        are dropped, and the number of such examples is printed."""
+        where = f"{self.dataset} {split}"
+        if self.scoring == "letter":
+            _check_prompts_fit(examples, self.tokenizer, self.max_length, where)
+            return examples
+        deduplicated = [data.without_repeated_choices(ex) for ex in examples]
+        changed = sum(a is not b for a, b in zip(examples, deduplicated))
+        if changed:
+            log(f"{where}: {changed} example(s) repeat a wrong choice; under cloze scoring the repeats are dropped")
+        for ex in deduplicated:
+            self.pack(ex)
+        return deduplicated
+
     def length_sorted_batches(self, examples: list, batch_size: int):
         """``collate``d batches of ``examples`` from shortest to longest (little padding)."""
         def length(ex):
@@ -82,11 +99,8 @@ class Task:
 
 
 def load_task(settings: RunSettings, tokenizer, log=print) -> Task:
-    """Load the train and evaluation splits (seeded subsets if limits are set), checked to fit.
-
-    Under cloze scoring a repeated *wrong* choice (OpenBookQA's train file has three) would be scored
-    twice; its repeats are dropped, and the number of such examples is printed.
-    """
+    """Load the train and evaluation splits (seeded subsets if limits are set), checked to fit
+    (``Task.prepare``)."""
     seed = settings.train.seed
     if settings.data_dir is not None and not Path(settings.data_dir).is_dir():
         raise RunError(f"setting data_dir: {settings.data_dir} is not a directory")
@@ -98,21 +112,10 @@ def load_task(settings: RunSettings, tokenizer, log=print) -> Task:
             raise data.DatasetError(f"{settings.dataset} {split}: no examples (check --data-dir and the split's file)")
     num_labels = max(len(ex.choices) for ex in train + evals)
     task = Task(train, evals, tokenizer, num_labels, settings.max_length, resolve_device(settings.device),
-                settings.scoring, settings.normalization)
+                settings.scoring, settings.normalization, dataset=settings.dataset)
     if settings.scoring == "cloze":
         task.template = template_for(settings.dataset)
-        for split, examples in (("train", train), (settings.eval_split, evals)):
-            deduplicated = [data.without_repeated_choices(ex) for ex in examples]
-            changed = sum(a is not b for a, b in zip(examples, deduplicated))
-            if changed:
-                log(f"{settings.dataset} {split}: {changed} example(s) repeat a wrong choice; under cloze "
-                    f"scoring the repeats are dropped")
-            examples[:] = deduplicated
-            for ex in examples:  # every row packed now: a bad one fails before training
-                task.pack(ex)
-    else:
-        for split, examples in (("train", train), (settings.eval_split, evals)):
-            _check_prompts_fit(examples, tokenizer, settings.max_length, f"{settings.dataset} {split}")
+    task.train, task.eval = task.prepare(train, "train", log), task.prepare(evals, settings.eval_split, log)
     return task
 
 
@@ -173,22 +176,24 @@ def build_run(settings: RunSettings, progress: bool = True):
     if len(task.train) < settings.train.batch_size * world:
         raise data.DatasetError(f"{settings.dataset} train: {len(task.train)} examples, fewer than one batch of "
                                 f"{settings.train.batch_size * world}; lower --batch-size or raise --train-limit")
+    options = validation_options(settings, task)
     adapter, wrap = settings.adapter, (lambda lm: lm)
     if settings.adapt_top_layers:
-        adapter, wrap = _prefix_cached(run_settings, base, task, progress)
+        adapter, wrap = _prefix_cached(run_settings, base, task.train + task.eval + options.get("val_examples", []),
+                                       task, progress)
     spare = [wrap(base)]
 
     def base_factory():  # the loaded base first, fresh copies for methods that need several
         return spare.pop() if spare else wrap(load_base(run_settings)[0])
 
     method = build_method(settings.method, base_factory, adapter, task.readout, seed=settings.train.seed,
-                          **method_options(settings.method, settings.adapter, settings.train))
+                          **method_options(settings.method, settings.adapter, settings.train), **options)
     return method, task
 
 
-def _prefix_cached(settings: RunSettings, base, task: Task, progress: bool):
+def _prefix_cached(settings: RunSettings, base, examples: list, task: Task, progress: bool):
     """``(adapter config, wrap)`` for ``adapt_top_layers``: the targets restricted to the top layers, and
-    ``wrap(lm)`` -> a ``PrefixCachedLM`` sharing one cache, filled now for every example of the task
+    ``wrap(lm)`` -> a ``PrefixCachedLM`` sharing one cache, filled now for every one of ``examples``
     (length-sorted batches) and kept on disk under the model cache."""
     layers = base.config.num_hidden_layers
     targets = top_layer_targets(settings.adapter.target_modules, layers, settings.adapt_top_layers)
@@ -196,7 +201,6 @@ def _prefix_cached(settings: RunSettings, base, task: Task, progress: bool):
     first = PrefixCachedLM(base, split, cache)
     path = cache_path(default_cache_dir(), settings.model, settings.dtype, split)
     first.load(path)
-    examples = task.train + task.eval
     batches = task.length_sorted_batches(examples, PREFIX_CACHE_BATCH)
     added = first.warm(tqdm(batches, total=-(-len(examples) // PREFIX_CACHE_BATCH), desc="prefix cache",
                             disable=not progress, leave=False))
@@ -205,6 +209,19 @@ def _prefix_cached(settings: RunSettings, base, task: Task, progress: bool):
     wrapped = {id(base): first}
     return (dataclasses.replace(settings.adapter, target_modules=targets),
             lambda lm: wrapped.pop(id(lm), None) or PrefixCachedLM(lm, split, cache))
+
+
+def validation_options(settings: RunSettings, task: Task) -> dict:
+    """``{"val_examples", "validation"}`` for a method that fits on validation data
+    (``methods.VALIDATION_METHODS``): the dataset's validation split, else a seeded hold-out of
+    ``task.train``, which is then removed from it (``data.train_and_validation``). ``{}`` otherwise."""
+    from .methods import VALIDATION_METHODS
+
+    if settings.method not in VALIDATION_METHODS:
+        return {}
+    task.train, val, where = data.train_and_validation(settings.dataset, task.train, settings.data_dir,
+                                                       settings.train.seed)
+    return {"val_examples": task.prepare(val, "validation"), "validation": where}
 
 
 def is_writer() -> bool:
@@ -274,6 +291,8 @@ def score(settings: RunSettings, method, task: Task, progress: bool = True) -> t
     metrics = {**summarize(probs, labels), "n": len(labels), "method": settings.method,
                "dataset": settings.dataset, "split": settings.eval_split,
                "eval_samples": settings.eval_samples, "adapter_state": method.adapter_state()}
+    if getattr(method, "temperature", None) is not None:
+        metrics.update(temperature=method.temperature, validation=method.validation)
     return metrics, (probs, labels)
 
 
@@ -323,4 +342,8 @@ def summary_markdown(results: dict[str, dict], settings: RunSettings, command: s
     for name, m in results.items():
         lines.append(f"| {name} | {m['n']} | {m['acc']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} | "
                      f"{m['brier']:.4f} | {m['adapter_state']:,} |")
+    fitted = [f"{name}: T = {m['temperature']:.3f} fitted on the {m['validation']}"
+              for name, m in results.items() if "temperature" in m]
+    if fitted:
+        lines += ["", "Temperature scaling (never fitted on the test split): " + "; ".join(fitted) + "."]
     return "\n".join(lines) + "\n"

@@ -41,11 +41,19 @@ Batch = dict  # input_ids, attention_mask, labels, choice_mask: tensors with a l
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``lr``/``guide_lr`` are AdamW learning rates; ``weight_decay`` acts
-    on A and B only (the MAP reading of a Gaussian prior on them); the global batch is
-    ``batch_size * grad_accum * num_processes`` examples per step (``batch_size`` per process and
-    micro-step). Every ``log_every`` steps one line goes to the ``melora_pyro.train`` logger; every
-    ``checkpoint_every`` steps (0: only at the end) and at the end a checkpoint is saved.
+    """Optimisation settings, all AdamW learning rates per parameter group (:func:`make_optimizer`):
+
+    - ``lr``: the adapters (A, B) and any guide parameter without a role (BLoB's A, a ``DeltaGuide``);
+    - ``guide_lr``: the location M of a variational guide over C (its ``param_roles()["loc"]``);
+    - ``guide_scale_lr``: its log scale, log Omega (``param_roles()["scale"]``).
+
+    The guide's rates do not follow ``lr``: Adam moves a parameter by about its learning rate per
+    step, so log Omega at lr 1e-4 never leaves its initial value (DESIGN.md section 3). ``0``
+    freezes a group. ``weight_decay`` acts on A and B only (the MAP reading of a Gaussian prior on
+    them); the global batch is ``batch_size * grad_accum * num_processes`` examples per step
+    (``batch_size`` per process and micro-step). Every ``log_every`` steps one line goes to the
+    ``melora_pyro.train`` logger; every ``checkpoint_every`` steps (0: only at the end) and at the end a
+    checkpoint is saved.
 
     ``lr_schedule``: ``"constant"`` (default) or ``"linear"``: the learning rates rise linearly from 0
     over the first ``warmup_ratio * steps`` steps, then fall linearly to 0 at ``steps`` (the reference
@@ -58,7 +66,8 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-4
-    guide_lr: float | None = None
+    guide_lr: float = 1e-2
+    guide_scale_lr: float = 5e-2
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     seed: int = 0
@@ -106,13 +115,22 @@ class ELBOModule(nn.Module):
 
 
 def make_optimizer(model: nn.Module, guide: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """One AdamW over all trainable adapter and guide parameters (weight decay on A and B only)."""
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad],
-               "weight_decay": config.weight_decay}]
-    guide_params = [p for p in guide.parameters() if p.requires_grad]
-    if guide_params:
-        groups.append({"params": guide_params, "weight_decay": 0.0, "lr": config.guide_lr or config.lr})
-    return torch.optim.AdamW(groups, lr=config.lr, eps=config.adam_eps, foreach=True)
+    """One AdamW over all trainable adapter and guide parameters, in up to four groups: adapters
+    (``lr``, ``weight_decay``), the guide's location (``guide_lr``) and log scale (``guide_scale_lr``),
+    as the guide names them in ``param_roles()``, and its other parameters (``lr``). No weight decay
+    on the guide: its prior is in the ELBO."""
+    roles = guide.param_roles() if hasattr(guide, "param_roles") else {}
+    rates = {"loc": config.guide_lr, "scale": config.guide_scale_lr}
+    unknown = sorted(set(roles) - set(rates))
+    if unknown:
+        raise ValueError(f"{type(guide).__name__}.param_roles() names unknown roles {unknown}; known: {sorted(rates)}")
+    with_role = {id(p) for params in roles.values() for p in params}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": config.weight_decay},
+              {"params": [p for p in guide.parameters() if p.requires_grad and id(p) not in with_role],
+               "weight_decay": 0.0}]
+    groups += [{"params": [p for p in params if p.requires_grad], "weight_decay": 0.0, "lr": rates[role]}
+               for role, params in roles.items()]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, eps=config.adam_eps, foreach=True)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -275,8 +293,6 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
             (the processes share the RNG seed, hence draw the same C). ``grad_accum`` micro-steps run
             under ``no_sync`` but the last. With ``mixed_precision`` bf16/fp16 the frozen base is cast
             to it; adapters, guide, KL and optimiser stay float32. Rank 0 alone writes files.
-        update: the optimiser and its step (:class:`UpdateRule`, the default: one AdamW).
-    Returns the logged records ``{"step", "loss", "nll", "kl", "acc"}`` (averaged over processes).
     """
     accelerator = _resolve_accelerator(accelerator)
     # All three RNGs the checkpoints restore, seeded alike in every process (so ranks draw the same C).
@@ -334,10 +350,11 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
         if world > 1:  # the step's loss on the global batch: the mean of the per-process values
             means = accelerator.reduce(torch.tensor(list(totals.values()), device=accelerator.device), "mean")
             totals = dict(zip(totals, means.tolist()))
-        record = {"step": step, **totals}
+        record = {"step": step, **totals, **scale_statistics(guide)}
         history.append(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{totals['loss']:.3g}", kl=f"{totals['kl']:.3g}", acc=f"{totals['acc']:.2f}")
+        bar.set_postfix(loss=f"{totals['loss']:.3g}", kl=f"{totals['kl']:.3g}", acc=f"{totals['acc']:.2f}",
+                        **{k: f"{v:.3g}" for k, v in record.items() if k.startswith("omega")})
         if log_file is not None and rank == 0:
             with open(log_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -353,6 +370,19 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
                 wait_for_everyone(accelerator)
     bar.close()
     return history
+
+
+@torch.no_grad()
+def scale_statistics(guide: nn.Module) -> dict[str, float]:
+    """The 10%, 50% and 90% quantiles of the guide's posterior std Omega over all its entries
+    (``exp`` of its ``param_roles()["scale"]``), as ``{"omega_q10", "omega_median", "omega_q90"}``;
+    ``{}`` for a guide without a scale."""
+    scales = guide.param_roles().get("scale", []) if hasattr(guide, "param_roles") else []
+    if not scales:
+        return {}
+    omega = torch.cat([p.detach().flatten() for p in scales]).float().exp()
+    q10, median, q90 = torch.quantile(omega.cpu(), torch.tensor([0.1, 0.5, 0.9])).tolist()
+    return {"omega_q10": q10, "omega_median": median, "omega_q90": q90}
 
 
 def _truncate_log(log_file: Path, step: int) -> None:

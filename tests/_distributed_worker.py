@@ -42,7 +42,8 @@ def build(guide: str = "meanfield", dtype: torch.dtype = torch.float32):
     """A fresh (model, guide) on a tiny random LLaMA, the same in every process."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = MeLoRAModel(tiny_llama().to(dtype), MeLoRAConfig(rank=4), LABELS)
+        config = MeLoRAConfig(rank=4, gauge="none" if guide == "identity" else "unit")
+        model = MeLoRAModel(tiny_llama().to(dtype), config, LABELS)
         return model, GUIDES[guide](model)
 
 

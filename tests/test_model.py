@@ -45,16 +45,45 @@ def test_model_records_probs_and_observes_labels_in_data_plate():
     assert trace.nodes["y"]["scale"] == pytest.approx(100 / 6)
 
 
-def test_c_equal_identity_is_plain_lora():
-    """With C = I the adapted output equals W0 x + s B A x computed by hand."""
-    model = make_model(target_modules=("lm_head",))
+@pytest.mark.parametrize("gauge", ["none", "unit"])
+def test_adapted_output_is_w0_x_plus_s_b_c_a_x(gauge):
+    """W0 x + s B C A x computed by hand; in the unit gauge with unit rows of A and columns of B."""
+    model = make_model(target_modules=("lm_head",), gauge=gauge)
     ids, _ = batch()
-    logits = poutine.condition(model, data={"C": torch.eye(4)[None]})(ids)
+    C = torch.randn(4, 4)
+    logits = poutine.condition(model, data={"C": C[None]})(ids)
     base = model.base
     hidden = base.model(input_ids=ids).last_hidden_state[:, -1]
     A, B = model.lora_A[0][0], model.lora_B[0][0]
-    expected = hidden @ base.lm_head.base.weight.T + model.config.scaling * hidden @ A.T @ B.T
+    if gauge == "unit":
+        A, B = A / A.norm(dim=1, keepdim=True), B / B.norm(dim=0, keepdim=True)
+    expected = hidden @ base.lm_head.base.weight.T + model.config.scaling * hidden @ A.T @ C.T @ B.T
     assert torch.allclose(logits, expected[:, LABELS], atol=1e-5)
+
+
+def test_unit_gauge_removes_the_flat_directions_of_the_elbo():
+    """Rescaling rows of A and columns of B changes nothing the model computes (the ELBO's flat
+    directions B -> B D1, A -> D2 A are no longer directions of the parameters that matter), and
+    the layers start at dW = 0 with C at 0."""
+    model = make_model(gauge="unit")
+    assert torch.equal(MeanFieldGuide(model).loc, torch.zeros(model.num_adapters, 4, 4))
+    ids, _ = batch()
+    C = torch.randn(model.num_adapters, 4, 4)
+    before = poutine.condition(model, data={"C": C})(ids)
+    A, B = model.fix_gauge(list(model.lora_A), list(model.lora_B))
+    gram_a, gram_b = model.gram_matrices(A, B)
+    assert torch.allclose(gram_a.diagonal(dim1=-2, dim2=-1), torch.ones(model.num_adapters, 4))
+    assert torch.allclose(gram_b.diagonal(dim1=-2, dim2=-1), torch.ones(model.num_adapters, 4))
+    with torch.no_grad():
+        for a, b in zip(model.lora_A, model.lora_B):
+            a.mul_(torch.rand(a.shape[0], 4, 1) + 0.5)
+            b.mul_(torch.rand(b.shape[0], 1, 4) * 10)
+    assert torch.allclose(poutine.condition(model, data={"C": C})(ids), before, atol=1e-5)
+
+
+def test_identity_guide_needs_the_plain_gauge():
+    with pytest.raises(ValueError, match="gauge='none'"):
+        IdentityGuide(make_model(gauge="unit"))
 
 
 def _separable_but_noisy_task(n, seed):
@@ -72,7 +101,8 @@ def _separable_but_noisy_task(n, seed):
 @pytest.mark.parametrize("guide_cls", [MeanFieldGuide, DeltaGuide, IdentityGuide])
 def test_svi_learns_the_synthetic_task_with_every_guide(guide_cls):
     pyro.set_rng_seed(0)
-    model = make_model(target_modules=("q_proj", "v_proj", "lm_head"), prior_std=1.0)
+    model = make_model(target_modules=("q_proj", "v_proj", "lm_head"), prior_std=1.0,
+                       gauge="none" if guide_cls is IdentityGuide else "unit")
     guide = guide_cls(model)
     train_x, train_y = _separable_but_noisy_task(256, seed=1)
     test_x, test_y = _separable_but_noisy_task(256, seed=2)
@@ -121,7 +151,7 @@ def test_elbo_loss_is_likelihood_plus_closed_form_kl():
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(ids, None, y, 60)
     nll = -torch.distributions.Categorical(logits=model_trace.nodes["y"]["fn"].logits).log_prob(y).sum() * 10
     kl = sum(full_weight_kl(guide.loc[s], guide.scale[s], a, b, 0.2, model.config.scaling)
-             for a, b, s in zip(model.lora_A, model.lora_B, _group_slices(model)))
+             for a, b, s in zip(*model.fix_gauge(list(model.lora_A), list(model.lora_B)), _group_slices(model)))
     assert torch.allclose(sum(elbo.particle_terms(model_trace, guide_trace)), nll + kl, rtol=1e-5)
 
 
@@ -134,7 +164,7 @@ def _group_slices(model):
 
 def test_identity_guide_loss_is_the_likelihood_alone():
     pyro.set_rng_seed(0)
-    model = make_model()
+    model = make_model(gauge="none")
     ids, y = batch()
     loss = FullWeightELBO().loss(model, IdentityGuide(model), ids, None, y)
     logits = poutine.condition(model, data={"C": torch.eye(4).repeat(model.num_adapters, 1, 1)})(ids)
@@ -175,7 +205,7 @@ def test_count_formula_and_ratio_to_blob_at_llama_7b_shapes():
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
     with torch.device("meta"):
         base = LlamaForCausalLM(config)
-        model = MeLoRAModel(base, MeLoRAConfig(rank=8), [319, 350, 315, 360])
+        model = MeLoRAModel(base, MeLoRAConfig(rank=8, gauge="none"), [319, 350, 315, 360])
         guide = MeanFieldGuide(model)
     L, r, n, m = 64, 8, 4096, 4096
     assert count_adapter_state(model, guide) == L * (r * n + r * m + 2 * r * r)

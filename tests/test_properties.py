@@ -185,7 +185,7 @@ ADAPTER_VALUES = {
 }
 TRAIN_VALUES = {
     "steps": st.integers(-1, 10), "batch_size": st.integers(-1, 10), "grad_accum": st.integers(-1, 4),
-    "lr": st.floats(-1, 1), "guide_lr": st.none() | st.floats(-1, 1), "weight_decay": st.floats(-1, 1),
+    "lr": st.floats(-1, 1), "guide_lr": st.none() | st.floats(-1, 1), "guide_scale_lr": st.floats(-1, 1), "weight_decay": st.floats(-1, 1),
     "max_grad_norm": st.none() | st.floats(-1, 10), "seed": st.integers(-1, 2 ** 64),
     "log_every": st.integers(-1, 10), "checkpoint_every": st.integers(-1, 10),
 }

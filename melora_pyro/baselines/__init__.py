@@ -6,6 +6,7 @@
 - :mod:`.blob`: BLoB (Bayesian A, Flipout, KL re-weighting, its two optimisers) as a Pyro model and guide;
 - :mod:`.diagonal`: Me-LoRA with a diagonal latent C and its restricted full-weight prior;
 - :mod:`.zero_shot`: the base model without adapters.
+- :mod:`.temperature`: temperature scaling on top of any method (``map-ts``).
 """
 from .blob import (BLoBELBO, BLoBGuide, BLoBMethod, BLoBModel, BLoBNLLELBO, BLoBUpdate, KLScheduleELBO, blob_kl,
                    blob_kl_cycle, blob_kl_weight, blob_pi)
@@ -14,10 +15,11 @@ from .diagonal import (DiagonalFullWeightNormal, DiagonalGuide, DiagonalMeLoRAMo
 from .ensemble import EnsembleMethod
 from .laplace import LaplaceMethod
 from .method import PointMethod, PyroMethod, set_adapter_dropout
+from .temperature import TemperatureScaledMethod
 from .zero_shot import ZeroShotMethod
 
 __all__ = [
-    "PyroMethod", "PointMethod", "set_adapter_dropout", "EnsembleMethod", "LaplaceMethod",
+    "PyroMethod", "PointMethod", "set_adapter_dropout", "TemperatureScaledMethod", "EnsembleMethod", "LaplaceMethod",
     "BLoBModel", "BLoBGuide", "BLoBELBO", "BLoBNLLELBO", "BLoBUpdate", "BLoBMethod", "KLScheduleELBO",
     "blob_kl", "blob_kl_cycle", "blob_kl_weight", "blob_pi",
     "DiagonalMeLoRAModel", "DiagonalGuide", "DiagonalFullWeightNormal", "diagonal_full_weight_kl",

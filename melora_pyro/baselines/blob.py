@@ -29,6 +29,8 @@ NLL in the one AdamW of the shared loop, i.e. BLoB's per-step objective times ``
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable, Sequence
 
@@ -62,7 +64,8 @@ class BLoBModel(MeLoRAModel):
 
     def __init__(self, base_model: nn.Module, config: MeLoRAConfig, readout,
                  name: str = "blob"):
-        super().__init__(base_model, config, readout, name=name)
+        # C = I: A and B as stored (the unit gauge would fix the update's size).
+        super().__init__(base_model, dataclasses.replace(config, gauge="none"), readout, name=name)
         self.a_shapes = [tuple(a.shape) for a in self.lora_A]
         self.lora_A = nn.ParameterList()  # A is latent: its mean and std belong to the guide
         device = self.lora_B[0].device

@@ -113,7 +113,8 @@ class DiagonalMeLoRAModel(MeLoRAModel):
 
 
 class DiagonalGuide(nn.Module):
-    """``q(c) = N(m, diag(w^2))`` per adapter: ``loc`` = m ``(L, r)`` started at ones (C = I) and
+    """``q(c) = N(m, diag(w^2))`` per adapter: ``loc`` = m ``(L, r)`` started at the diagonal of
+    ``model.initial_c()`` (0 in the unit gauge, ones with ``gauge="none"``) and
     ``log_scale`` = log w ``(L, r)`` started at ``log(init_scale)``."""
 
     def __init__(self, model: DiagonalMeLoRAModel, init_scale: float = 1e-2):
@@ -122,7 +123,7 @@ class DiagonalGuide(nn.Module):
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
         self.prefix = f"{model.name}.guide"
         device = model.lora_A[0].device
-        self.loc = nn.Parameter(torch.ones(model.num_adapters, model.rank, device=device))
+        self.loc = nn.Parameter(model.initial_c().diagonal(dim1=-2, dim2=-1).clone())
         self.log_scale = nn.Parameter(torch.full((model.num_adapters, model.rank), math.log(init_scale),
                                                  device=device))
 
@@ -131,6 +132,10 @@ class DiagonalGuide(nn.Module):
         scale = pyro_param(f"{self.prefix}.log_scale", self.log_scale).exp()
         with pyro.plate("adapters", loc.shape[0]):
             return pyro.sample("C_diag", dist.Normal(loc, scale).to_event(1))
+
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        """M and log Omega for ``train.make_optimizer``'s ``guide_lr`` and ``guide_scale_lr`` groups."""
+        return {"loc": [self.loc], "scale": [self.log_scale]}
 
     def posterior_mean(self) -> dict[str, torch.Tensor]:
         """``{"C_diag": m}`` ``(L, r)``."""
