@@ -1,4 +1,4 @@
-"""The ``melora-pyro`` command: ``train``, ``evaluate``, ``predict`` and the ``demo`` main job.
+"""The ``melora-pyro`` command: ``train``, ``evaluate``, ``predict``, ``export`` and the ``demo`` main job.
 
 Every field of ``RunSettings``, ``MeLoRAConfig`` and ``TrainConfig`` is a flag of the same name
 (``--prior-std``, ``--batch-size``, ...); ``--config FILE.toml`` supplies them as a file
@@ -27,6 +27,7 @@ _SECTIONS = {"adapter": MeLoRAConfig, "train": TrainConfig}
 # The demo's budget: about ten minutes for both methods on 2 CPU cores (README).
 DEMO_TRAIN = dict(steps=100, batch_size=8, lr=1e-3, log_every=10)
 DEMO_TARGETS = ("q_proj", "v_proj", "lm_head")  # BLoB's recipe (DESIGN.md section 5)
+_PEFT_SHAPE = ("adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.dropout")
 _EVALUATE_FIELDS = ("data_dir", "eval_split", "eval_limit", "eval_samples", "eval_batch_size")
 
 
@@ -93,13 +94,21 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--eval-samples", type=int, help="posterior samples (0: posterior mean)")
     predict.set_defaults(handler=_predict)
 
+    export = commands.add_parser("export", help="write a trained run as a peft adapter or a merged checkpoint")
+    export.add_argument("--run-dir", required=True)
+    export.add_argument("--format", required=True, choices=("peft", "merged"),
+                        help="peft: adapter directory of the posterior mean (+ the full posterior for "
+                             "melora_pyro.load_adapters); merged: transformers checkpoint with W0 + s B M A")
+    export.add_argument("--out", required=True, help="a new (or empty) directory, written atomically")
+    export.set_defaults(handler=_export)
+
     demo = commands.add_parser("demo", help="the main job: MAP LoRA vs Me-LoRA on the embedded toy task")
     _add_settings_flags(demo)
     demo.add_argument("--run-dir", help="default: runs/demo-<time>")
     demo.add_argument("--overwrite", action="store_true")
     demo.set_defaults(handler=_demo)
 
-    for sub in (train, evaluate, predict, demo):
+    for sub in (train, evaluate, predict, export, demo):
         sub.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser
 
@@ -156,6 +165,9 @@ def _train(args) -> int:
     from .pipeline import evaluate_run, train_run
 
     settings = _settings(args)
+    shape_flags = [f"--{k[8:].replace('_', '-')}" for k in vars(args) if k in _PEFT_SHAPE]
+    if settings.init_from_peft and shape_flags:
+        raise RunError(f"{', '.join(shape_flags)}: the adapter shape comes from --init-from-peft's adapter")
     run_dir = prepare_run_dir(args.run_dir, overwrite=args.overwrite, resume=args.resume)
     method, task = train_run(settings, run_dir, resume=args.resume)
     if not args.no_eval:
@@ -171,6 +183,13 @@ def _evaluate(args) -> int:
     settings = dataclasses.replace(load_settings(args.run_dir), **overrides)
     method, task = train_run(settings, args.run_dir, resume=True, progress=False)  # a finished run: loads only
     _print_metrics(evaluate_run(settings, method, task, args.run_dir)[0])
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_run
+
+    print(f"exported: {export_run(args.run_dir, args.format, args.out)}")
     return 0
 
 

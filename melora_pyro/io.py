@@ -11,7 +11,7 @@ from torch import nn
 from ._atomic import atomic_write_bytes, atomic_write_text
 from .config import MeLoRAConfig
 from .errors import MeLoRAError
-from .model import MeLoRAModel, _unbind_all
+from .model import MeLoRAModel
 
 TENSORS_FILE = "adapters.safetensors"
 META_FILE = "melora.json"
@@ -146,16 +146,13 @@ def merge_adapters(model: MeLoRAModel, guide: nn.Module) -> nn.Module:
     place: ``model`` is unusable afterwards. An adapted ``lm_head`` tied to the input embedding is
     untied first so the embedding keeps its original weights.
     """
-    C = guide.posterior_mean()["C"]
     base = model.base
-    for path, layer, a, b, c in zip(model.layer_names, model._layers, _unbind_all(model.lora_A),
-                                    _unbind_all(model.lora_B), C.unbind(0)):
+    for (path, (a, bc)), layer in zip(model.posterior_mean_layers(guide).items(), model._layers):
         linear = layer.base
-        delta = layer.scaling * (b @ c @ a)
         if linear.weight is base.get_input_embeddings().weight:
             linear.weight = nn.Parameter(linear.weight.detach().clone())
             base.config.tie_word_embeddings = False
-        linear.weight.add_(delta.to(linear.weight.dtype))
+        linear.weight.add_((layer.scaling * (bc @ a)).to(linear.weight.dtype))
         parent_name, _, child = path.rpartition(".")
         setattr(base.get_submodule(parent_name) if parent_name else base, child, linear)
     return base

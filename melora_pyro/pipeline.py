@@ -11,10 +11,11 @@ import torch
 
 from . import data
 from ._atomic import atomic_write_text
+from .checkpoint import find_latest_checkpoint
 from .metrics import summarize
 from .models import load_base_model
 from .plots import reliability_diagram
-from .runs import RunSettings, resolve_device, save_settings
+from .runs import RunError, RunSettings, resolve_device, save_settings
 from .train import evaluate, launched_accelerator, wait_for_everyone
 
 
@@ -91,6 +92,9 @@ def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bo
     from .methods import build_method
 
     accelerator = launched_accelerator()  # first: it binds this process to its device
+    started = find_latest_checkpoint(run_dir) is not None
+    if settings.init_from_peft and (Path(settings.init_from_peft).is_dir() or not started):
+        settings = with_peft_adapter(settings)
     run_settings = settings
     if accelerator and settings.device == "auto":
         device = accelerator.device
@@ -108,8 +112,41 @@ def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bo
 
     method = build_method(settings.method, base_factory, settings.adapter, task.label_token_ids,
                           seed=settings.train.seed)
+    start_from_peft(method, settings, load=not started)
     method.fit(task.train, task.collate, settings.train, run_dir=run_dir, resume=resume, progress=progress)
     return method, task
+
+
+def with_peft_adapter(settings: RunSettings) -> RunSettings:
+    """``settings`` with the adapter shape (rank, alpha, targets, dropout) of its ``init_from_peft``
+    adapter, the other adapter settings kept."""
+    from .peft_format import read_peft_config
+
+    kept = {k: v for k, v in settings.adapter.to_dict().items()
+            if k not in ("rank", "alpha", "target_modules", "dropout")}
+    return dataclasses.replace(settings, adapter=read_peft_config(settings.init_from_peft, **kept))
+
+
+def start_from_peft(method, settings: RunSettings, load: bool = True) -> None:
+    """Set every adapter set of ``method`` to the ``init_from_peft`` LoRA (if ``load``) and freeze its A
+    and B under ``freeze_ab``. Raises ``RunError`` for a method whose A is not a parameter (``blob``) or
+    that would have nothing left to train."""
+    from .peft_format import load_peft_adapter
+
+    if not (settings.init_from_peft or settings.freeze_ab):
+        return
+    for unit in method.units:
+        if len(unit.model.lora_A) == 0:
+            raise RunError(f"method {settings.method!r} has no point-estimated A to start from a peft adapter "
+                           f"or to freeze; use a Me-LoRA or LoRA method")
+        if settings.init_from_peft and load:
+            load_peft_adapter(unit.model, settings.init_from_peft)
+        if settings.freeze_ab:
+            unit.model.lora_A.requires_grad_(False)
+            unit.model.lora_B.requires_grad_(False)
+    if settings.freeze_ab and method.adapter_state() == 0:
+        raise RunError(f"freeze_ab with method {settings.method!r} leaves nothing to train (C is fixed); "
+                       f"use a method with a learned q(C), e.g. melora")
 
 
 def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: bool = True):

@@ -33,7 +33,10 @@ class RunSettings:
     ``train_limit`` / ``eval_limit`` cap the number of examples (a seeded subset), for quick runs.
     ``dtype`` is the base model's (adapters and guide stay float32); ``device`` ``"auto"`` takes
     CUDA when available. ``trust_remote_code`` lets ``transformers`` run Python code shipped with a
-    hub model; it is off unless asked for (``--trust-remote-code``).
+    hub model; it is off unless asked for (``--trust-remote-code``). ``init_from_peft`` starts A and B
+    from a peft LoRA adapter directory (its rank, alpha, targets and dropout replace ``adapter``'s; C's
+    mean starts at the identity, so the run starts as that adapter); ``freeze_ab`` keeps A and B fixed
+    and trains the guide alone (q(C) post hoc).
     """
 
     model: str = "smollm2-135m"
@@ -49,6 +52,8 @@ class RunSettings:
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
+    init_from_peft: str | None = None
+    freeze_ab: bool = False
     adapter: MeLoRAConfig = field(default_factory=MeLoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -74,6 +79,9 @@ class RunSettings:
             ("device", isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device),
              "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
             ("trust_remote_code", isinstance(self.trust_remote_code, bool), "true or false"),
+            ("init_from_peft", self.init_from_peft is None or text(self.init_from_peft),
+             "a peft adapter directory or None"),
+            ("freeze_ab", isinstance(self.freeze_ab, bool), "true or false"),
             ("adapter", isinstance(self.adapter, MeLoRAConfig), "a MeLoRAConfig"),
             ("train", isinstance(self.train, TrainConfig), "a TrainConfig"),
         ]
