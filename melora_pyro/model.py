@@ -1,6 +1,7 @@
 """``MeLoRAModel``: a transformers causal LM with Me-LoRA adapters, as a Pyro model."""
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -161,16 +162,27 @@ class MeLoRAModel(nn.Module):
 
     def label_logits(self, input_ids, attention_mask, A, B, C) -> torch.Tensor:
         """Logits ``(batch, K)`` of the label tokens at the last position, adapters bound to (A, B, C)."""
+        with self.bound(A, B, C):
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
+                            use_cache=False)
+        return out.logits[:, -1].index_select(-1, self.label_index).float()
+
+    @contextlib.contextmanager
+    def bound(self, A, B, C):
+        """Bind every adapted layer to its slice of ``(A, B, C)`` (as ``sample_adapters`` returns them)
+        for the duration of the block; the base model then computes ``W0 x + s B C A x``::
+
+            with model.bound(A, B, C):
+                logits = model.base(input_ids).logits
+        """
         BC = [b @ c for b, c in zip(B, C.split(self._group_sizes))]
         for layer, a, bc in zip(self._layers, _unbind_all(A), _unbind_all(BC)):
             layer.bound = (a, bc)
         try:
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
-                            use_cache=False)
+            yield self.base
         finally:
             for layer in self._layers:  # drop references so the graph can be freed
                 layer.bound = None
-        return out.logits[:, -1].index_select(-1, self.label_index).float()
 
 
 def _unbind_all(stacks):
