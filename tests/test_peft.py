@@ -163,6 +163,9 @@ def test_cli_trains_q_of_c_on_a_frozen_peft_lora_then_exports_it(peft_adapter, t
     assert not torch.allclose(guide.loc, torch.eye(4).expand_as(guide.loc))  # q(C) was trained
     assert main(["export", "--run-dir", str(run_dir), "--format", "merged", "--out", str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+    merged = tmp_path / "merged"
+    assert main(["export", "--run-dir", str(run_dir), "--format", "merged", "--out", str(merged)]) == 0
+    assert AutoModelForCausalLM.from_pretrained(merged) is not None and (merged / "tokenizer_config.json").is_file()
 
 
 def test_cli_refuses_shape_flags_with_init_from_peft(peft_adapter, tmp_path, capsys):
