@@ -174,3 +174,18 @@ def test_cli_refuses_shape_flags_with_init_from_peft(peft_adapter, tmp_path, cap
                  "--run-dir", str(tmp_path / "run")]) == 2
     assert "--rank: the adapter shape comes from --init-from-peft" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_freeze_ab_is_refused_where_nothing_would_train():
+    from melora_pyro.methods import build_method
+    from melora_pyro.models import tiny_llama
+    from melora_pyro.pipeline import start_from_peft
+    from melora_pyro.runs import RunError, RunSettings
+
+    for name, message in (("map", "leaves nothing to train"), ("blob", "no point-estimated A")):
+        method = build_method(name, tiny_llama(), MeLoRAConfig(rank=2), [10, 11])
+        with pytest.raises(RunError, match=message):
+            start_from_peft(method, RunSettings(method=name, freeze_ab=True))
+    method = build_method("melora", tiny_llama(), MeLoRAConfig(rank=2), [10, 11])
+    start_from_peft(method, RunSettings(freeze_ab=True))
+    assert method.adapter_state() == 2 * method.model.num_adapters * 2 ** 2  # 2 r^2 per layer: M and Omega
