@@ -12,10 +12,8 @@ An interrupted run is continued with ``--resume`` (finished (dataset, method, se
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import gc
-import io
 import json
 import math
 import random
@@ -28,16 +26,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from melora_pyro import data
-from melora_pyro._atomic import atomic_write_bytes, atomic_write_text
+from melora_pyro._atomic import atomic_write_text
 from melora_pyro.config import MeLoRAConfig
-from melora_pyro.layers import MeLoRALinear
 from melora_pyro.methods import METHODS, build_method
 from melora_pyro.metrics import summarize
 from melora_pyro.models import default_cache_dir, load_base_model
 from melora_pyro.plots import reliability_diagram
+from melora_pyro.prefix_cache import PrefixCachedLM, cache_path
 from melora_pyro.train import TrainConfig, evaluate
 
 METRICS = (("acc", "ACC (%) ↑", 100, max), ("ece", "ECE (%) ↓", 100, min),
@@ -106,77 +103,6 @@ PROFILES = {
 # Base models
 
 
-class PrefixCachedLM(nn.Module):
-    """A LLaMA-style causal LM whose lowest ``split`` decoder layers are frozen, unadapted and cached.
-
-    The hidden states entering layer ``split`` depend only on the prompt's tokens (left padding
-    shifts all positions alike and rotary attention only sees position differences), so they are
-    computed once per distinct prompt (without gradients) and kept in ``cache`` (a dict, shareable
-    between copies of the same base model); each call then runs only the top layers, the final norm
-    and ``lm_head``. Attribute paths mirror ``LlamaForCausalLM`` (``model.layers.i...``, ``lm_head``) so
-    that adapter targets match; adapters below ``split`` are refused.
-
-    Call as the wrapped model: ``forward(input_ids (b, T), attention_mask (b, T), logits_to_keep)``
-    returns an output whose ``logits`` are ``(b, logits_to_keep or T, vocab)``.
-    """
-
-    def __init__(self, lm: nn.Module, split: int, cache: dict | None = None):
-        super().__init__()
-        if not 0 < split < len(lm.model.layers):
-            raise ValueError(f"split must lie in 1..{len(lm.model.layers) - 1}, got {split}")
-        self.model, self.lm_head, self.config = lm.model, lm.lm_head, lm.config
-        self.split = split
-        self.cache = {} if cache is None else cache
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0, use_cache: bool = False, **kwargs):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.prefix_states(input_ids, attention_mask)
-        top = nn.ModuleList(list(self.model.layers)[self.split:])
-        with _swapped(self.model, layers=top):
-            out = self.model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False)
-        states = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
-        return CausalLMOutputWithPast(logits=self.lm_head(states))
-
-    @torch.no_grad()
-    def prefix_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``(b, T, hidden)`` entering layer ``split`` (zeros at padding), from the cache."""
-        bottom = nn.ModuleList(list(self.model.layers)[:self.split])
-        if any(isinstance(m, MeLoRALinear) for m in bottom.modules()):
-            raise RuntimeError(f"PrefixCachedLM: adapters below layer {self.split} cannot be cached")
-        keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask)]
-        missing = [i for i, key in enumerate(keys) if key not in self.cache]
-        if missing:
-            with _swapped(self.model, layers=bottom, norm=nn.Identity()):
-                states = self.model(input_ids=input_ids[missing], attention_mask=attention_mask[missing],
-                                    use_cache=False).last_hidden_state
-            for row, i in enumerate(missing):  # left padding: the prompt is the last len(key) positions
-                self.cache[keys[i]] = states[row, states.shape[1] - len(keys[i]):].clone()
-        width = input_ids.shape[1]
-        hidden = torch.zeros(len(keys), width, self.config.hidden_size, dtype=self.model.embed_tokens.weight.dtype,
-                             device=input_ids.device)
-        for i, key in enumerate(keys):
-            hidden[i, width - len(key):] = self.cache[key]
-        return hidden
-
-
-@contextlib.contextmanager
-def _swapped(module: nn.Module, **children: nn.Module):
-    """Temporarily replace child modules of ``module``."""
-    saved = {name: getattr(module, name) for name in children}
-    for name, child in children.items():
-        setattr(module, name, child)
-    try:
-        yield module
-    finally:
-        for name, child in saved.items():
-            setattr(module, name, child)
-
-
 def adapter_config(profile: Profile, num_layers: int) -> MeLoRAConfig:
     """The ``MeLoRAConfig`` of a profile for a base model with ``num_layers`` decoder layers."""
     if profile.top_layers:
@@ -213,10 +139,7 @@ class Bases:
             batch = collate([examples[j] for j in order[i:i + batch_size]])
             base.prefix_states(batch["input_ids"], batch["attention_mask"])
         if len(self.cache) > before:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            buffer = io.BytesIO()
-            torch.save(self.cache, buffer)
-            atomic_write_bytes(self.cache_file, buffer.getvalue())
+            base.save(self.cache_file)
             log(f"prefix cache: {len(self.cache) - before} prompts added in {time.time() - start:.0f}s "
                 f"({len(self.cache)} in {self.cache_file})")
 
@@ -226,13 +149,11 @@ def base_factory(profile: Profile) -> Bases:
     dtype = getattr(torch, profile.dtype)
     probe, tokenizer = load_base_model(profile.model, dtype=dtype)
     num_layers = probe.config.num_hidden_layers
-    del probe
     bases = Bases(None, tokenizer, num_layers)
     if profile.top_layers:
-        name = Path(profile.model).name or "model"
-        bases.cache_file = default_cache_dir() / "prefix-cache" / f"{name}-{profile.dtype}-split{num_layers - profile.top_layers}.pt"
-        if bases.cache_file.is_file():
-            bases.cache.update(torch.load(bases.cache_file))
+        split = num_layers - profile.top_layers
+        bases.cache_file = cache_path(default_cache_dir(), profile.model, profile.dtype, split)
+        PrefixCachedLM(probe, split, bases.cache).load(bases.cache_file)
 
     def factory() -> nn.Module:
         lm, _ = load_base_model(profile.model, dtype=dtype)

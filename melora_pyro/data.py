@@ -179,6 +179,15 @@ def _parse_mmlu(row: Mapping, loc: _Loc) -> Example:
     return _example(question, choices, int(answer), loc, uid=f"{loc.source}#{loc.line}")
 
 
+def without_repeated_choices(example: Example) -> Example:
+    """``example`` with a repeated wrong choice kept once (the label re-indexed); itself if none repeats."""
+    kept = [k for k, text in enumerate(example.choices)
+            if all(text.strip() != example.choices[j].strip() for j in range(k))]
+    if len(kept) == len(example.choices):
+        return example
+    return replace(example, choices=tuple(example.choices[k] for k in kept), label=kept.index(example.label))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Hub rows -> the local row layout, so that one parser validates both
 

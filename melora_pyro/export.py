@@ -45,11 +45,12 @@ def export_peft(model: MeLoRAModel, guide: nn.Module, out, base_model_name: str 
     return Path(out)
 
 
-def export_merged(model: MeLoRAModel, guide: nn.Module, out, tokenizer=None) -> Path:
+def export_merged(model: MeLoRAModel, guide: nn.Module, out, tokenizer=None, into: nn.Module | None = None) -> Path:
     """Write a plain transformers checkpoint (``save_pretrained``) with ``W0 + s B M A`` folded in, and
-    ``tokenizer`` beside it if given. Works in place: ``model`` is unusable afterwards. Returns ``out``."""
+    ``tokenizer`` beside it if given. Works in place (``model`` is unusable afterwards) unless ``into``,
+    a fresh copy of the base model, receives the weights instead (``merge_adapters``). Returns ``out``."""
     with _new_directory(out) as tmp:
-        merge_adapters(model, guide).save_pretrained(tmp)
+        merge_adapters(model, guide, into=into).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
@@ -57,7 +58,7 @@ def export_merged(model: MeLoRAModel, guide: nn.Module, out, tokenizer=None) -> 
 
 def export_run(run_dir, format: str, out) -> Path:
     """Export a finished CLI run (``melora-pyro train --run-dir run_dir``) as ``format`` (``FORMATS``)."""
-    from .pipeline import train_run
+    from .pipeline import load_base, train_run
     from .runs import load_settings
 
     if format not in FORMATS:
@@ -71,7 +72,9 @@ def export_run(run_dir, format: str, out) -> Path:
                           f"(ensembles and Laplace keep several or a curvature); export a member's run instead")
     if format == "peft":
         return export_peft(model, guide, out, base_model_name=_base_model_name(settings.model))
-    return export_merged(model, guide, out, tokenizer=task.tokenizer)
+    # A prefix-cached base (adapt_top_layers) is no transformers model: fold into a fresh copy instead.
+    into = None if hasattr(model.base, "save_pretrained") else load_base(settings)[0]
+    return export_merged(model, guide, out, tokenizer=task.tokenizer, into=into)
 
 
 def _base_model_name(model: str) -> str:

@@ -11,7 +11,9 @@ from torch import nn
 from ._atomic import atomic_write_bytes, atomic_write_text
 from .config import MeLoRAConfig
 from .errors import MeLoRAError
+from .layers import MeLoRALinear
 from .model import MeLoRAModel
+from .readouts import readout_from_dict
 
 TENSORS_FILE = "adapters.safetensors"
 META_FILE = "melora.json"
@@ -37,6 +39,7 @@ def save_adapters(directory, model: MeLoRAModel, guide: nn.Module | None = None)
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "label_token_ids": model.label_token_ids,
+        "readout": model.readout.to_dict(),
         "layer_names": model.layer_names,
         "guide": type(guide).__name__ if guide is not None else None,
     }
@@ -59,7 +62,7 @@ def load_adapters(directory, base_model: nn.Module, guide_cls=None):
     meta = _read_meta(directory)
     try:
         config = MeLoRAConfig.from_dict(meta["config"])
-        model = MeLoRAModel(base_model, config, meta["label_token_ids"])
+        model = MeLoRAModel(base_model, config, _saved_readout(meta))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / META_FILE}: checkpoint does not fit the base model: {e}") from e
     if model.layer_names != meta.get("layer_names"):
@@ -106,10 +109,22 @@ def _check_fits(meta: dict, model: MeLoRAModel, directory: Path) -> None:
     if differ or set(saved) - set(own):
         raise CheckpointError(f"{directory / META_FILE}: the checkpoint's adapter config does not match the "
                               f"model: {'; '.join(differ) or sorted(map(str, set(saved) - set(own)))}")
-    for key in ("layer_names", "label_token_ids"):
+    if _saved_readout(meta).to_dict() != model.readout.to_dict():
+        raise CheckpointError(f"{directory / META_FILE}: readouts differ: checkpoint has "
+                              f"{_saved_readout(meta).to_dict()!r:.120}, the model has {model.readout.to_dict()!r:.120}")
+    for key in ("layer_names",):
         if meta.get(key) != list(getattr(model, key)):
             raise CheckpointError(f"{directory / META_FILE}: {key} differ: checkpoint has {meta.get(key)!r:.120}, "
                                   f"the model has {list(getattr(model, key))!r:.120}")
+
+
+def _saved_readout(meta: dict):
+    """The readout a checkpoint was trained with (checkpoints before readouts existed: letter)."""
+    saved = meta.get("readout") or {"kind": "letter", "label_token_ids": meta.get("label_token_ids")}
+    try:
+        return readout_from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{META_FILE}: bad readout: {e}") from e
 
 
 def _read_meta(directory: Path) -> dict:
@@ -139,20 +154,22 @@ def _load_into(module: nn.Module, tensors: dict, directory: Path, what: str) -> 
 
 
 @torch.no_grad()
-def merge_adapters(model: MeLoRAModel, guide: nn.Module) -> nn.Module:
+def merge_adapters(model: MeLoRAModel, guide: nn.Module, into: nn.Module | None = None) -> nn.Module:
     """Fold ``W0 + s B M A`` (M = the guide's posterior mean of C) into plain ``nn.Linear`` layers.
 
     Returns the base transformers model, ready for ``save_pretrained`` or generation. It works in
-    place: ``model`` is unusable afterwards. An adapted ``lm_head`` tied to the input embedding is
-    untied first so the embedding keeps its original weights.
+    place: ``model`` is unusable afterwards. ``into``: a fresh copy of the base model to fold into
+    instead (``model`` stays usable; needed when ``model.base`` is a ``PrefixCachedLM``). An adapted
+    ``lm_head`` tied to the input embedding is untied first so the embedding keeps its original weights.
     """
-    base = model.base
-    for (path, (a, bc)), layer in zip(model.posterior_mean_layers(guide).items(), model._layers):
-        linear = layer.base
-        if linear.weight is base.get_input_embeddings().weight:
+    target = model.base if into is None else into
+    for path, (a, bc) in model.posterior_mean_layers(guide).items():
+        module = target.get_submodule(path)
+        linear = module.base if isinstance(module, MeLoRALinear) else module
+        if linear.weight is target.get_input_embeddings().weight:
             linear.weight = nn.Parameter(linear.weight.detach().clone())
-            base.config.tie_word_embeddings = False
-        linear.weight.add_((layer.scaling * (bc @ a)).to(linear.weight.dtype))
+            target.config.tie_word_embeddings = False
+        linear.weight.add_((model.config.scaling * (bc @ a)).to(linear.weight.dtype))
         parent_name, _, child = path.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child, linear)
-    return base
+        setattr(target.get_submodule(parent_name) if parent_name else target, child, linear)
+    return target

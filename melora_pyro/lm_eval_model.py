@@ -10,8 +10,8 @@ registers it for ``lm_eval.simple_evaluate(model="melora", ...)``, or pass a :cl
 ``log (1/S) sum_s p(continuation | context, C_s)`` over S draws of the adapters from the guide (drawn
 once, shared by every request, so a question's choices are compared under the same draws);
 ``num_samples=0`` scores the posterior mean (one forward). Tokens follow lm-eval's ``_encode_pair``
-(trailing spaces of the context move to the continuation) with the tokenizer's BOS in front, as
-``melora_pyro``'s cloze scoring does. Only ``loglikelihood`` (multiple-choice tasks) is supported.
+(trailing spaces of the context move to the continuation) with the tokenizer's BOS in front:
+``melora_pyro.packing.encode_pair``, as the library's cloze scoring does. Only ``loglikelihood`` (multiple-choice tasks) is supported.
 Needs the ``eval`` extra: ``pip install 'melora-pyro[eval]'``.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .baselines.method import set_adapter_dropout
 from .data import _bos_prefix
 from .errors import MeLoRAError
 from .model import MeLoRAModel
+from .packing import encode_pair
 
 
 @register_model("melora")
@@ -89,8 +90,7 @@ class MeLoRALM(TemplateLM):
         return self.tokenizer(string, add_special_tokens=False)["input_ids"]
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        context_ids, continuation_ids = super()._encode_pair(context, continuation)
-        return self.bos + context_ids, continuation_ids
+        return encode_pair(self.tokenizer, context, continuation, self.bos)
 
     # --- scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

@@ -1,6 +1,6 @@
 """Every method of the benchmark, selectable by name, built on one model / training loop / evaluation.
 
-    method = build_method("melora", base_model, MeLoRAConfig(), label_token_ids)
+    method = build_method("melora", base_model, MeLoRAConfig(), ClozeReadout())
     method.fit(train_examples, collate, TrainConfig(steps=100))   # melora_pyro.train.train inside
     probs = method.predict(batch, num_samples=10)                 # (batch, K)
     method.adapter_state()                                        # trainable numbers
@@ -11,6 +11,7 @@
 ==========================  ================================================================  =============================
 name                        what                                                              adapter state per m x n layer
 ==========================  ================================================================  =============================
+``zero-shot``               the base model, no adapters (``baselines.ZeroShotMethod``)          0
 ``mle``                     plain LoRA (``guides.IdentityGuide``, C = I), weight decay 0       r n + r m
 ``map``                     plain LoRA, AdamW weight decay ``MAP_WEIGHT_DECAY`` = 1e-2         r n + r m
 ``mcdropout``               plain LoRA (MLE) with adapter-input dropout 0.1, kept on at test;  r n + r m
@@ -44,11 +45,12 @@ from torch import nn
 from guides import IdentityGuide, MeanFieldGuide
 
 from .baselines import (BLoBELBO, BLoBGuide, BLoBModel, DiagonalGuide, DiagonalMeLoRAModel, EnsembleMethod,
-                        LaplaceMethod, PointMethod, PyroMethod)
+                        LaplaceMethod, PointMethod, PyroMethod, ZeroShotMethod)
 from .config import MeLoRAConfig
 from .model import MeLoRAModel
+from .readouts import as_readout
 
-METHODS = ("mle", "map", "mcdropout", "ensemble", "laplace", "blob",
+METHODS = ("zero-shot", "mle", "map", "mcdropout", "ensemble", "laplace", "blob",
            "melora", "melora-elementwise", "melora-noise", "melora-diag")
 MAP_WEIGHT_DECAY = 1e-2       # AdamW's decoupled weight decay on A and B for map / ensemble / laplace
 MC_DROPOUT = 0.1              # adapter-input dropout of mcdropout, in training and at test
@@ -58,9 +60,11 @@ DEFAULT_PRIOR_NOISE = 0.05    # eta of melora-noise when config.prior_noise is 0
 BaseSource = nn.Module | Callable[[], nn.Module]
 
 
-def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, label_token_ids: Sequence[int],
-                 **options):
+def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readout, **options):
     """Build method ``name`` (one of ``METHODS``) on ``base_model`` (a fresh model or a zero-arg factory).
+
+    ``readout`` is how answers are scored (``melora_pyro.readouts``: ``ClozeReadout(...)`` or
+    ``LetterReadout(label_token_ids)``); a list of label token ids means the letter readout.
 
     ``config`` gives the adapter shape (rank, alpha, targets, prior std); each method pins the fields it
     is defined by (e.g. ``melora-elementwise`` sets ``kl="elementwise"``) and keeps the rest.
@@ -85,7 +89,7 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, label_
     unknown = sorted(set(options) - set(allowed) - {"seed"})
     if unknown:
         raise ValueError(f"method {name!r}: unknown options {unknown}; it takes {sorted(allowed) + ['seed']}")
-    return builder(base_model, config, list(label_token_ids), options)
+    return builder(base_model, config, as_readout(readout), options)
 
 
 def _seeded(seed: int, build: Callable[[], object]):
@@ -164,9 +168,14 @@ def _noise(config, options) -> float:
     return options.get("prior_noise", config.prior_noise or DEFAULT_PRIOR_NOISE)
 
 
+def _zero_shot(base_model, config, readout, options):
+    return ZeroShotMethod(_fresh_base(base_model), readout)
+
+
 _GUIDE_OPTIONS = ("init_scale",)
 _LAPLACE_OPTIONS = ("weight_decay", "prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples")
 _BUILDERS = {
+    "zero-shot": (_zero_shot, ()),
     "mle": (_mle, ()),
     "map": (_map, ("weight_decay",)),
     "mcdropout": (_mcdropout, ("dropout",)),

@@ -98,3 +98,22 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         "nll": nll(probs, labels),
         "brier": brier(probs, labels),
     }
+
+
+def bootstrap_ci(metric, probs: torch.Tensor, labels: torch.Tensor, other: torch.Tensor | None = None,
+                 num_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``metric(probs, labels)`` over questions; with ``other`` (the
+    probabilities of a second method on the same questions) the CI of the paired difference
+    ``metric(probs) - metric(other)``, both computed on the same resampled questions."""
+    generator = torch.Generator().manual_seed(seed)
+    n = labels.shape[0]
+    values = []
+    for _ in range(num_resamples):
+        index = torch.randint(n, (n,), generator=generator)
+        value = metric(probs[index], labels[index])
+        if other is not None:
+            value -= metric(other[index], labels[index])
+        values.append(value)
+    values = torch.tensor(values, dtype=torch.float64)
+    tail = (1 - level) / 2
+    return float(values.quantile(tail)), float(values.quantile(1 - tail))

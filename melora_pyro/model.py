@@ -16,6 +16,7 @@ from ._params import pyro_param
 from .config import MeLoRAConfig
 from .layers import MeLoRALinear, inject_adapters
 from .priors import prior_from_config
+from .readouts import LetterReadout, as_readout
 
 
 class MeLoRAModel(nn.Module):
@@ -23,14 +24,19 @@ class MeLoRAModel(nn.Module):
 
     Calling the model is the Pyro model (use it with any guide of the ``guides`` package)::
 
-        model(input_ids, attention_mask=None, labels=None, num_data=None, choice_mask=None)
+        model(input_ids, attention_mask=None, labels=None, num_data=None, choice_mask=None, **readout_inputs)
 
     samples the stacked latent ``C`` (site ``"C"``, shape ``(L, r, r)`` in plate ``"adapters"``),
-    runs the base model computing only the last position's logits, records
-    ``probs`` (site ``"probs"``, ``(batch, K)``: the next-token distribution restricted to the K
-    label tokens) and observes ``labels`` (site ``"y"``) in ``pyro.plate("data", num_data)``.
-    Returns the label logits ``(batch, K)``. ``choice_mask`` ``(batch, K)`` bool marks the labels
-    each question offers (a 3-choice question among 5-choice ones); the others get probability 0.
+    binds the adapters, asks the readout for the K answer scores, records ``probs`` (site
+    ``"probs"``, ``(batch, K)``, their softmax) and observes ``labels`` (site ``"y"``) in
+    ``pyro.plate("data", num_data)``. Returns the scores ``(batch, K)``. ``choice_mask``
+    ``(batch, K)`` bool marks the choices each question offers (a 3-choice question among 5-choice
+    ones); the others get probability 0. ``readout_inputs`` are the readout's extra batch tensors
+    (the packed cloze layout, ``melora_pyro.packing.pack_batch``).
+
+    The readout (``melora_pyro.readouts``) says how scores are read: ``LetterReadout`` (the label
+    tokens' next-token logits at the last position; built from a list of label token ids) or
+    ``ClozeReadout`` (each choice's continuation log-likelihood, packed).
 
     A and B are stacked per shape group (layers with equal ``(n, m)`` share one ``(L_g, r, n)``
     tensor) so that a step touches a handful of Pyro sites however many layers are adapted.
@@ -38,22 +44,20 @@ class MeLoRAModel(nn.Module):
     Args:
         base_model: a transformers causal LM (its parameters are frozen); inputs must be left-padded.
         config: ``MeLoRAConfig``.
-        label_token_ids: the K vocabulary ids of the answer labels (distinct).
+        readout: a readout object, or the K vocabulary ids of the answer labels (distinct), which
+            means ``LetterReadout(ids)``.
         name: prefix of the Pyro parameter names.
     """
 
-    def __init__(self, base_model: nn.Module, config: MeLoRAConfig, label_token_ids: Sequence[int],
-                 name: str = "melora"):
+    def __init__(self, base_model: nn.Module, config: MeLoRAConfig, readout, name: str = "melora"):
         super().__init__()
         if any(isinstance(m, MeLoRALinear) for m in base_model.modules()):
             raise ValueError("base_model already carries Me-LoRA adapters; load a fresh copy of it")
         self.config, self.name = config, name
         self.base = base_model.requires_grad_(False)
-        self.label_token_ids = _check_label_ids(label_token_ids, _vocab_size(base_model))
-        # A device tensor: indexing with the Python list would copy it to the GPU every forward.
-        self.register_buffer("label_index", torch.tensor(self.label_token_ids,
-                                                         device=next(base_model.parameters()).device),
-                             persistent=False)
+        self.readout = as_readout(readout)
+        if isinstance(self.readout, LetterReadout):
+            _check_label_ids(self.readout.label_token_ids, _vocab_size(base_model))
         layers = inject_adapters(base_model, config.target_modules, config.rank, config.scaling,
                                  config.dropout)
         self.prior = prior_from_config(config)
@@ -77,7 +81,7 @@ class MeLoRAModel(nn.Module):
             self.lora_B.append(nn.Parameter(torch.randn(len(paths), m, r, device=device) * config.init_b_std))
 
     @classmethod
-    def from_peft(cls, base_model: nn.Module, adapter_dir, label_token_ids: Sequence[int], name: str = "melora",
+    def from_peft(cls, base_model: nn.Module, adapter_dir, readout, name: str = "melora",
                   **config_fields) -> "MeLoRAModel":
         """Me-LoRA on a LoRA adapter trained with peft: A and B from ``adapter_dir``, C latent.
 
@@ -85,12 +89,12 @@ class MeLoRAModel(nn.Module):
         ``config_fields`` set the rest of ``MeLoRAConfig`` (``prior_std``, ``kl``, ...). With C at the
         identity (every guide's start) the model computes exactly what the peft adapter does; fit q(C)
         post hoc, with A and B frozen (``requires_grad_(False)``) or trained on. ``base_model`` must be
-        a fresh copy of the adapter's base. Raises ``io.CheckpointError`` for an adapter that is not a
-        plain LoRA of this base (see ``peft_format``).
+        a fresh copy of the adapter's base; ``readout`` as for the constructor. Raises
+        ``io.CheckpointError`` for an adapter that is not a plain LoRA of this base (see ``peft_format``).
         """
         from .peft_format import load_peft_adapter, read_peft_config
 
-        model = cls(base_model, read_peft_config(adapter_dir, **config_fields), label_token_ids, name=name)
+        model = cls(base_model, read_peft_config(adapter_dir, **config_fields), readout, name=name)
         load_peft_adapter(model, adapter_dir)
         return model
 
@@ -118,8 +122,9 @@ class MeLoRAModel(nn.Module):
         return self.config.rank
 
     @property
-    def num_labels(self) -> int:
-        return len(self.label_token_ids)
+    def label_token_ids(self) -> list[int] | None:
+        """The label tokens of a letter readout; None for other readouts."""
+        return getattr(self.readout, "label_token_ids", None)
 
     def adapter_params(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Register A and B with Pyro; returns the per-group stacks ``A_g (L_g, r, n)``, ``B_g (L_g, m, r)``."""
@@ -138,10 +143,11 @@ class MeLoRAModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, num_data: int | None = None,
-                choice_mask: torch.Tensor | None = None) -> torch.Tensor:
-        batch = _check_batch(input_ids, labels, self.num_labels)
+                choice_mask: torch.Tensor | None = None, **readout_inputs) -> torch.Tensor:
+        batch = _check_batch(input_ids, labels)
         A, B, C = self.sample_adapters()
-        logits = self.label_logits(input_ids, attention_mask, A, B, C)
+        logits = self.label_logits(input_ids, attention_mask, A, B, C, **readout_inputs)
+        _check_labels(labels, logits.shape[-1])
         if choice_mask is not None:
             logits = logits.masked_fill(~choice_mask, float("-inf"))
         # The batch is the subsample; its indices only fix the likelihood's scale num_data / batch.
@@ -160,12 +166,10 @@ class MeLoRAModel(nn.Module):
             C = pyro.sample("C", prior)
         return A, B, C
 
-    def label_logits(self, input_ids, attention_mask, A, B, C) -> torch.Tensor:
-        """Logits ``(batch, K)`` of the label tokens at the last position, adapters bound to (A, B, C)."""
+    def label_logits(self, input_ids, attention_mask, A, B, C, **readout_inputs) -> torch.Tensor:
+        """The readout's answer scores ``(batch, K)`` with the adapters bound to (A, B, C)."""
         with self.bound(A, B, C):
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
-                            use_cache=False)
-        return out.logits[:, -1].index_select(-1, self.label_index).float()
+            return self.readout(self.base, input_ids, attention_mask, **readout_inputs)
 
     @contextlib.contextmanager
     def bound(self, A, B, C):
@@ -205,14 +209,17 @@ def _check_label_ids(ids, vocab_size) -> list[int]:
     return ids
 
 
-def _check_batch(input_ids, labels, num_labels) -> int:
+def _check_batch(input_ids, labels) -> int:
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(input_ids.shape)}")
     batch = input_ids.shape[0]
-    if labels is not None:
-        if labels.shape != (batch,):
-            raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-        # Reading the range synchronises a GPU: checked under Pyro's validation (on by default).
-        if is_validation_enabled() and labels.numel() and (labels.min() < 0 or labels.max() >= num_labels):
-            raise ValueError(f"labels must lie in 0..{num_labels - 1}, got values {labels.unique().tolist()}")
+    if labels is not None and labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
     return batch
+
+
+def _check_labels(labels, num_labels: int) -> None:
+    # Reading the range synchronises a GPU: checked under Pyro's validation (on by default).
+    if labels is not None and is_validation_enabled() and labels.numel() and (
+            labels.min() < 0 or labels.max() >= num_labels):
+        raise ValueError(f"labels must lie in 0..{num_labels - 1}, got values {labels.unique().tolist()}")

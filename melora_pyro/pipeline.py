@@ -4,24 +4,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import data
+from .cloze import ClozeTemplate, template_for
+from .packing import PackedExample, pack_batch, pack_example
+from .readouts import ClozeReadout, LetterReadout
 from ._atomic import atomic_write_text
 from .checkpoint import find_latest_checkpoint
 from .metrics import summarize
-from .models import load_base_model
+from .models import default_cache_dir, load_base_model
+from .prefix_cache import PrefixCachedLM, cache_path, top_layer_targets
 from .plots import reliability_diagram
 from .runs import RunError, RunSettings, resolve_device, save_settings
 from .train import evaluate, launched_accelerator, wait_for_everyone
 
 
+PREFIX_CACHE_BATCH = 32  # rows per batch when filling the prefix cache
+
+
 @dataclass
 class Task:
-    """The examples of a run and how to batch them for one tokenizer."""
+    """The examples of a run and how to batch them for one tokenizer and readout.
+
+    ``scoring`` ``"letter"``: left-padded lettered prompts (``data.encode``); ``"cloze"``: packed
+    (context, continuation) rows (``packing.pack_batch``), each example packed once and kept.
+    """
 
     train: list
     eval: list
@@ -29,27 +41,77 @@ class Task:
     num_labels: int
     max_length: int
     device: torch.device
+    scoring: str = "letter"
+    normalization: str = "token"
+    template: ClozeTemplate | None = None
+    _packed: dict = field(default_factory=dict, repr=False)
 
     def collate(self, examples: list) -> dict:
-        """A batch of tensors on the run's device (see ``data.encode``)."""
-        batch = data.encode(self.tokenizer, examples, self.max_length, num_labels=self.num_labels)
+        """A batch of tensors on the run's device."""
+        if self.scoring == "letter":
+            batch = data.encode(self.tokenizer, examples, self.max_length, num_labels=self.num_labels)
+        else:
+            batch = pack_batch([self.pack(ex) for ex in examples], self.num_labels, _pad_id(self.tokenizer))
         return {key: value.to(self.device) for key, value in batch.items()}
+
+    def pack(self, example) -> PackedExample:
+        """``example`` packed for cloze scoring (DatasetError naming it if it cannot be)."""
+        if example not in self._packed:
+            self._packed[example] = pack_example(self.tokenizer, example, self.template or ClozeTemplate(),
+                                                 self.max_length)
+        return self._packed[example]
+
+    @property
+    def readout(self):
+        if self.scoring == "letter":
+            return LetterReadout(data.label_token_ids(self.tokenizer, self.num_labels))
+        return ClozeReadout(self.normalization)
 
     @property
     def label_token_ids(self) -> list[int]:
         return data.label_token_ids(self.tokenizer, self.num_labels)
 
+    def length_sorted_batches(self, examples: list, batch_size: int):
+        """``collate``d batches of ``examples`` from shortest to longest (little padding)."""
+        def length(ex):
+            return len(self.pack(ex).tokens) if self.scoring == "cloze" else len(data.render_prompt(ex))
+        ordered = sorted(examples, key=length)
+        for start in range(0, len(ordered), batch_size):
+            yield self.collate(ordered[start:start + batch_size])
 
-def load_task(settings: RunSettings, tokenizer) -> Task:
-    """Load the train and evaluation splits (seeded subsets if limits are set)."""
+
+def load_task(settings: RunSettings, tokenizer, log=print) -> Task:
+    """Load the train and evaluation splits (seeded subsets if limits are set), checked to fit.
+
+    Under cloze scoring a repeated *wrong* choice (OpenBookQA's train file has three) would be scored
+    twice; its repeats are dropped, and the number of such examples is printed.
+    """
     seed = settings.train.seed
     train = _subset(data.load_examples(settings.dataset, "train", settings.data_dir, seed), settings.train_limit, seed)
     evals = _subset(data.load_examples(settings.dataset, settings.eval_split, settings.data_dir, seed),
                     settings.eval_limit, seed)
     num_labels = max(len(ex.choices) for ex in train + evals)
-    for split, examples in (("train", train), (settings.eval_split, evals)):
-        _check_prompts_fit(examples, tokenizer, settings.max_length, f"{settings.dataset} {split}")
-    return Task(train, evals, tokenizer, num_labels, settings.max_length, resolve_device(settings.device))
+    task = Task(train, evals, tokenizer, num_labels, settings.max_length, resolve_device(settings.device),
+                settings.scoring, settings.normalization)
+    if settings.scoring == "cloze":
+        task.template = template_for(settings.dataset)
+        for split, examples in (("train", train), (settings.eval_split, evals)):
+            deduplicated = [data.without_repeated_choices(ex) for ex in examples]
+            changed = sum(a is not b for a, b in zip(examples, deduplicated))
+            if changed:
+                log(f"{settings.dataset} {split}: {changed} example(s) repeat a wrong choice; under cloze "
+                    f"scoring the repeats are dropped")
+            examples[:] = deduplicated
+            for ex in examples:  # every row packed now: a bad one fails before training
+                task.pack(ex)
+    else:
+        for split, examples in (("train", train), (settings.eval_split, evals)):
+            _check_prompts_fit(examples, tokenizer, settings.max_length, f"{settings.dataset} {split}")
+    return task
+
+
+def _pad_id(tokenizer) -> int:
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
 def _check_prompts_fit(examples: list, tokenizer, max_length: int, where: str) -> None:
@@ -105,13 +167,15 @@ def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bo
         wait_for_everyone(accelerator)  # every process has checked run_dir before rank 0 writes
     if not accelerator or accelerator.is_main_process:
         save_settings(run_dir, settings)
-    spare = [base]
+    adapter, wrap = settings.adapter, (lambda lm: lm)
+    if settings.adapt_top_layers:
+        adapter, wrap = _prefix_cached(run_settings, base, task, progress)
+    spare = [wrap(base)]
 
     def base_factory():  # the loaded base first, fresh copies for methods that need several
-        return spare.pop() if spare else load_base(settings)[0]
+        return spare.pop() if spare else wrap(load_base(run_settings)[0])
 
-    method = build_method(settings.method, base_factory, settings.adapter, task.label_token_ids,
-                          seed=settings.train.seed)
+    method = build_method(settings.method, base_factory, adapter, task.readout, seed=settings.train.seed)
     start_from_peft(method, settings, load=not started)
     method.fit(task.train, task.collate, settings.train, run_dir=run_dir, resume=resume, progress=progress)
     return method, task
@@ -147,6 +211,27 @@ def start_from_peft(method, settings: RunSettings, load: bool = True) -> None:
     if settings.freeze_ab and method.adapter_state() == 0:
         raise RunError(f"freeze_ab with method {settings.method!r} leaves nothing to train (C is fixed); "
                        f"use a method with a learned q(C), e.g. melora")
+
+
+def _prefix_cached(settings: RunSettings, base, task: Task, progress: bool):
+    """``(adapter config, wrap)`` for ``adapt_top_layers``: the targets restricted to the top layers, and
+    ``wrap(lm)`` -> a ``PrefixCachedLM`` sharing one cache, filled now for every example of the task
+    (length-sorted batches) and kept on disk under the model cache."""
+    layers = base.config.num_hidden_layers
+    targets = top_layer_targets(settings.adapter.target_modules, layers, settings.adapt_top_layers)
+    split, cache = layers - settings.adapt_top_layers, {}
+    first = PrefixCachedLM(base, split, cache)
+    path = cache_path(default_cache_dir(), settings.model, settings.dtype, split)
+    first.load(path)
+    examples = task.train + task.eval
+    batches = task.length_sorted_batches(examples, PREFIX_CACHE_BATCH)
+    added = first.warm(tqdm(batches, total=-(-len(examples) // PREFIX_CACHE_BATCH), desc="prefix cache",
+                            disable=not progress, leave=False))
+    if added:
+        first.save(path)
+    wrapped = {id(base): first}
+    return (dataclasses.replace(settings.adapter, target_modules=targets),
+            lambda lm: wrapped.pop(id(lm), None) or PrefixCachedLM(lm, split, cache))
 
 
 def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: bool = True):

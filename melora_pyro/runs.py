@@ -19,6 +19,7 @@ from ._atomic import atomic_write_text
 from .config import MeLoRAConfig
 from .data import DATASETS
 from .errors import MeLoRAError
+from .readouts import NORMALIZATIONS, SCORINGS
 from .train import TrainConfig
 
 
@@ -32,7 +33,10 @@ class RunSettings:
 
     ``train_limit`` / ``eval_limit`` cap the number of examples (a seeded subset), for quick runs.
     ``dtype`` is the base model's (adapters and guide stay float32); ``device`` ``"auto"`` takes
-    CUDA when available. ``trust_remote_code`` lets ``transformers`` run Python code shipped with a
+    CUDA when available. ``scoring`` is the readout (``"cloze"``: each choice's text scored as a
+    continuation, lm-evaluation-harness's way, normalised by ``normalization``; ``"letter"``: the next
+    token over lettered choices, BLoB's way). ``adapt_top_layers`` N keeps the adapters of decoder
+    layers to the top N (plus ``lm_head`` if targeted) and caches the frozen layers below, on disk. ``trust_remote_code`` lets ``transformers`` run Python code shipped with a
     hub model; it is off unless asked for (``--trust-remote-code``). ``init_from_peft`` starts A and B
     from a peft LoRA adapter directory (its rank, alpha, targets and dropout replace ``adapter``'s; C's
     mean starts at the identity, so the run starts as that adapter); ``freeze_ab`` keeps A and B fixed
@@ -49,6 +53,9 @@ class RunSettings:
     eval_limit: int | None = None
     eval_samples: int = 10
     eval_batch_size: int = 16
+    scoring: str = "cloze"
+    normalization: str = "token"
+    adapt_top_layers: int | None = None
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -75,6 +82,10 @@ class RunSettings:
             ("eval_samples", isinstance(self.eval_samples, int) and not isinstance(self.eval_samples, bool)
              and self.eval_samples >= 0, "an integer >= 0"),
             ("eval_batch_size", positive(self.eval_batch_size), "a positive integer"),
+            ("scoring", self.scoring in SCORINGS, f"one of {SCORINGS}"),
+            ("normalization", self.normalization in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
+            ("adapt_top_layers", self.adapt_top_layers is None or positive(self.adapt_top_layers),
+             "None or a positive integer"),
             ("dtype", self.dtype in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
             ("device", isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device),
              "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),

@@ -32,6 +32,7 @@ from .checkpoint import find_latest_checkpoint, load_training_state, save_traini
 from .config import check_train_config
 from .elbo import FullWeightELBO
 from .errors import MeLoRAError
+from .readouts import readout_inputs
 
 Batch = dict  # input_ids, attention_mask, labels, choice_mask: tensors with a leading batch axis
 
@@ -86,7 +87,8 @@ class ELBOModule(nn.Module):
     def _terms(self, batch: Batch, num_data: int) -> dict:
         with torch.autocast(batch["input_ids"].device.type, enabled=False):
             return self.elbo.loss_terms(self.model, self.guide, batch["input_ids"], batch.get("attention_mask"),
-                                        batch["labels"], num_data, choice_mask=batch.get("choice_mask"))
+                                        batch["labels"], num_data, choice_mask=batch.get("choice_mask"),
+                                        **readout_inputs(batch))
 
 
 def make_optimizer(model: nn.Module, guide: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import pickle
 import shutil
 from pathlib import Path
@@ -143,11 +144,17 @@ def test_prompt_that_cannot_fit_even_without_its_passage(stories):
 
 
 def test_prompt_that_cannot_fit_cli_fails_before_training(tmp_path, capsys, stories):
-    code, message = run_cli(capsys, "train", *STORIES, *QUICK, "--max-length", "8", "--run-dir", tmp_path / "run")
+    code, message = run_cli(capsys, "train", *STORIES, *QUICK, "--scoring", "letter", "--max-length", "8",
+                            "--run-dir", tmp_path / "run")
     assert code == 2
     assert "toy train: " in message and "cannot fit max_length=8 tokens even without passage and question" in message
     assert "raise --max-length to at least" in message
     assert not (tmp_path / "run" / "checkpoints").exists()
+    code, message = run_cli(capsys, "train", *STORIES, *QUICK, "--max-length", "8", "--run-dir", tmp_path / "cloze")
+    assert code == 2
+    assert re.search(r"example 'toy-train-\d+': its context and 4 continuations take \d+ tokens packed, more than "
+                     r"max_length=8; raise max_length to at least \d+", message)
+    assert not (tmp_path / "cloze" / "checkpoints").exists()
 
 
 def clashing_tokenizer_model(directory: Path) -> Path:
@@ -167,7 +174,8 @@ def test_label_strings_sharing_a_token(tmp_path, capsys):
     _, tokenizer = load_base_model(str(model_dir))
     with pytest.raises(MeLoRAError, match="label strings ' A' and ' B' tokenise to the same token 0"):
         label_token_ids(tokenizer, 4)
-    code, message = run_cli(capsys, "train", "--model", model_dir, *QUICK, "--run-dir", tmp_path / "run")
+    code, message = run_cli(capsys, "train", "--model", model_dir, *QUICK, "--scoring", "letter",
+                            "--run-dir", tmp_path / "run")
     assert code == 2 and "label strings ' A' and ' B' tokenise to the same token 0" in message, message
 
 
@@ -320,7 +328,7 @@ def test_checkpoint_shapes_or_config_that_do_not_fit(tmp_path):
     with pytest.raises(CheckpointError, match=r"prior_std=0.2 \(checkpoint\) vs 0.1 \(model\)"):
         load_adapter_tensors(tmp_path, other, other_guide)
     relabelled = MeLoRAModel(tiny_llama(), MeLoRAConfig(rank=2), [20, 21, 22, 23])
-    with pytest.raises(CheckpointError, match=r"label_token_ids differ: checkpoint has \[10, 11, 12, 13\]"):
+    with pytest.raises(CheckpointError, match=r"readouts differ: checkpoint has .*10, 11, 12, 13"):
         load_adapter_tensors(tmp_path, relabelled, MeanFieldGuide(relabelled))
 
 

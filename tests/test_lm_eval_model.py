@@ -116,3 +116,15 @@ def test_posterior_predictive_averages_probabilities_over_draws(trained, task_di
     got = harness_loglikelihoods(lm, task_dir)
     assert (per_draw[0] - per_draw[1]).abs().max() > 1e-3  # the draws differ
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_harness_scores_equal_our_cloze_scorer_at_the_posterior_mean(trained, task_dir):
+    from melora_pyro.baselines import PyroMethod
+    from melora_pyro.data import Example
+    from melora_pyro.scoring import choice_loglikelihoods
+
+    model, guide, tokenizer = trained
+    examples = [Example(question=q["question"], choices=tuple(q["choices"]), label=q["label"]) for q in QUESTIONS]
+    ours = choice_loglikelihoods(PyroMethod(model, guide), tokenizer, examples, normalization="sum")
+    got = harness_loglikelihoods(MeLoRALM(model=model, guide=guide, tokenizer=tokenizer, num_samples=0), task_dir)
+    torch.testing.assert_close(got, ours.double(), atol=1e-4, rtol=0)

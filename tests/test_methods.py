@@ -42,7 +42,10 @@ def _expected_state(name, L_q=2, L_v=2, r=2, n=32, m_q=32, m_v=16):
     return lora * (3 if name == "ensemble" else 1) + extra.get(name, 0)
 
 
-@pytest.mark.parametrize("name", METHODS)
+TRAINED = [name for name in METHODS if name != "zero-shot"]
+
+
+@pytest.mark.parametrize("name", TRAINED)
 def test_every_method_trains_and_predicts_through_one_entry_point(name):
     method = build_method(name, tiny_llama, CONFIG, LABEL_IDS, seed=0)
     history = method.fit(_examples(), collate, TrainConfig(steps=2, batch_size=4, lr=1e-2))
@@ -54,6 +57,18 @@ def test_every_method_trains_and_predicts_through_one_entry_point(name):
     assert torch.allclose(probs.sum(-1), torch.ones(4), atol=1e-5)
     assert probs[-1, 2] == 0  # a label the question does not offer
     assert method.adapter_state() == _expected_state(name)
+
+
+def test_zero_shot_is_the_base_model_untouched():
+    base = tiny_llama()
+    method = build_method("zero-shot", base, CONFIG, LABEL_IDS)
+    assert method.fit(_examples(), collate, TrainConfig(steps=2, batch_size=4)) == []
+    batch = collate(_examples(4, seed=1))
+    with torch.no_grad():
+        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1, LABEL_IDS]
+    expected = logits.masked_fill(~batch["choice_mask"], float("-inf")).softmax(-1)
+    torch.testing.assert_close(method.predict(batch, num_samples=3), expected)
+    assert method.adapter_state() == 0 and not any(p.requires_grad for p in base.parameters())
 
 
 def test_mc_dropout_samples_differ_but_mle_is_deterministic():

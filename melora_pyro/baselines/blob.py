@@ -48,9 +48,9 @@ class BLoBModel(MeLoRAModel):
     ``config.kl``, ``prior_noise`` and ``dropout`` other than their defaults are not used by BLoB.
     """
 
-    def __init__(self, base_model: nn.Module, config: MeLoRAConfig, label_token_ids: Sequence[int],
+    def __init__(self, base_model: nn.Module, config: MeLoRAConfig, readout,
                  name: str = "blob"):
-        super().__init__(base_model, config, label_token_ids, name=name)
+        super().__init__(base_model, config, readout, name=name)
         self.a_shapes = [tuple(a.shape) for a in self.lora_A]
         self.lora_A = nn.ParameterList()  # A is latent: its mean and std belong to the guide
         device = self.lora_B[0].device

@@ -97,8 +97,8 @@ class DiagonalMeLoRAModel(MeLoRAModel):
     is randomised by ``config.prior_noise`` as for Me-LoRA. Use with :class:`DiagonalGuide`.
     """
 
-    def __init__(self, base_model, config, label_token_ids, name: str = "melora_diag"):
-        super().__init__(base_model, config, label_token_ids, name=name)
+    def __init__(self, base_model, config, readout, name: str = "melora_diag"):
+        super().__init__(base_model, config, readout, name=name)
 
     def sample_adapters(self):
         A, B = self.adapter_params()

@@ -17,6 +17,7 @@ from torch import nn
 from ..elbo import FullWeightELBO
 from ..layers import MeLoRALinear
 from ..predict import predict_proba
+from ..readouts import readout_inputs
 from ..state import count_adapter_state
 from ..train import TrainConfig, train
 
@@ -73,14 +74,15 @@ class PyroMethod:
 
     def _predict(self, batch: Batch, num_samples: int) -> torch.Tensor:
         return predict_proba(self.model, self.guide, batch["input_ids"], batch.get("attention_mask"),
-                             num_samples=num_samples, choice_mask=batch.get("choice_mask"))
+                             num_samples=num_samples, choice_mask=batch.get("choice_mask"),
+                             **readout_inputs(batch))
 
     def mean_logits(self, batch: Batch) -> torch.Tensor:
         """Label logits ``(batch, K)`` at the guide's posterior mean, differentiable in A and B
         (labels other than a question's choices are ``-inf``)."""
         conditioned = poutine.condition(self.model, data=self.guide.posterior_mean())
         return conditioned(batch["input_ids"], batch.get("attention_mask"),
-                           choice_mask=batch.get("choice_mask"))
+                           choice_mask=batch.get("choice_mask"), **readout_inputs(batch))
 
     def adapter_state(self) -> int:
         """Trainable numbers of the adapters and the guide (``count_adapter_state``)."""
