@@ -1,5 +1,7 @@
 """Atomic file writes: a reader sees the old file or the whole new one, never a part."""
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -37,3 +39,32 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Build a directory at ``path`` whole or not at all: yields a temporary sibling to fill, renamed
+    to ``path`` when the block ends without error and deleted when it raises.
+
+    ``path`` must not exist or be an empty directory (checked first, and again by the rename: a
+    non-empty directory that appeared meanwhile is never replaced). Raises ``FileExistsError``.
+    """
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory; choose a new output directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        for entry in tmp.rglob("*"):
+            if entry.is_file():
+                with open(entry, "rb") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 is for the private build, not the result
+        try:
+            os.rename(tmp, path)  # replaces an empty directory, fails on a non-empty one
+        except OSError as e:
+            raise FileExistsError(f"{path} appeared while it was being written ({e.strerror}); nothing replaced") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(path.parent)

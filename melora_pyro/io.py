@@ -11,7 +11,8 @@ from torch import nn
 from ._atomic import atomic_write_bytes, atomic_write_text
 from .config import MeLoRAConfig
 from .errors import MeLoRAError
-from .model import MeLoRAModel, _unbind_all
+from .layers import MeLoRALinear
+from .model import MeLoRAModel
 from .readouts import readout_from_dict
 
 TENSORS_FILE = "adapters.safetensors"
@@ -156,23 +157,22 @@ def _load_into(module: nn.Module, tensors: dict, directory: Path, what: str) -> 
 
 
 @torch.no_grad()
-def merge_adapters(model: MeLoRAModel, guide: nn.Module) -> nn.Module:
+def merge_adapters(model: MeLoRAModel, guide: nn.Module, into: nn.Module | None = None) -> nn.Module:
     """Fold ``W0 + s B M A`` (M = the guide's posterior mean of C) into plain ``nn.Linear`` layers.
 
     Returns the base transformers model, ready for ``save_pretrained`` or generation. It works in
-    place: ``model`` is unusable afterwards. An adapted ``lm_head`` tied to the input embedding is
-    untied first so the embedding keeps its original weights.
+    place: ``model`` is unusable afterwards. ``into``: a fresh copy of the base model to fold into
+    instead (``model`` stays usable; needed when ``model.base`` is a ``PrefixCachedLM``). An adapted
+    ``lm_head`` tied to the input embedding is untied first so the embedding keeps its original weights.
     """
-    C = guide.posterior_mean()["C"]
-    base = model.base
-    A, B = model.fix_gauge(list(model.lora_A), list(model.lora_B))
-    for path, layer, a, b, c in zip(model.layer_names, model._layers, _unbind_all(A), _unbind_all(B), C.unbind(0)):
-        linear = layer.base
-        delta = layer.scaling * (b @ c @ a)
-        if linear.weight is base.get_input_embeddings().weight:
+    target = model.base if into is None else into
+    for path, (a, bc) in model.posterior_mean_layers(guide).items():
+        module = target.get_submodule(path)
+        linear = module.base if isinstance(module, MeLoRALinear) else module
+        if linear.weight is target.get_input_embeddings().weight:
             linear.weight = nn.Parameter(linear.weight.detach().clone())
-            base.config.tie_word_embeddings = False
-        linear.weight.add_(delta.to(linear.weight.dtype))
+            target.config.tie_word_embeddings = False
+        linear.weight.add_((model.config.scaling * (bc @ a)).to(linear.weight.dtype))
         parent_name, _, child = path.rpartition(".")
-        setattr(base.get_submodule(parent_name) if parent_name else base, child, linear)
-    return base
+        setattr(target.get_submodule(parent_name) if parent_name else target, child, linear)
+    return target

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 from pyro.infer.util import is_validation_enabled
 import torch
 from torch import nn
@@ -91,6 +92,38 @@ class MeLoRAModel(nn.Module):
         for b in B_t:
             nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         return B_t.mT.contiguous()
+
+    @classmethod
+    def from_peft(cls, base_model: nn.Module, adapter_dir, readout, name: str = "melora",
+                  **config_fields) -> "MeLoRAModel":
+        """Me-LoRA on a LoRA adapter trained with peft: A and B from ``adapter_dir``, C latent.
+
+        Rank, alpha, target modules and dropout come from the adapter's ``adapter_config.json``;
+        ``config_fields`` set the rest of ``MeLoRAConfig`` (``prior_std``, ``kl``, ...). With C at the
+        identity (every guide's start) the model computes exactly what the peft adapter does; fit q(C)
+        post hoc, with A and B frozen (``requires_grad_(False)``) or trained on. ``base_model`` must be
+        a fresh copy of the adapter's base; ``readout`` as for the constructor. Raises
+        ``io.CheckpointError`` for an adapter that is not a plain LoRA of this base (see ``peft_format``).
+        """
+        from .peft_format import load_peft_adapter, read_peft_config
+
+        model = cls(base_model, read_peft_config(adapter_dir, **config_fields), readout, name=name)
+        load_peft_adapter(model, adapter_dir)
+        return model
+
+    def lora_layers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module path: (A_l (r, n), B_l (m, r))}`` in C's layer order: views of the stacked
+        parameters (writing into them under ``torch.no_grad()`` sets the adapter)."""
+        return dict(zip(self.layer_names, zip(_unbind_all(self.lora_A), _unbind_all(self.lora_B))))
+
+    @torch.no_grad()
+    def posterior_mean_layers(self, guide: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module path: (A_l (r, n), B_l C_l (m, r))}`` with every latent at ``guide``'s posterior mean:
+        the plain LoRA factors of the posterior-mean model (layer l adds ``s (B_l C_l) A_l`` to W0).
+        Variants with other latents (``sample_adapters`` overridden) are covered alike."""
+        A, B, C = poutine.condition(self.sample_adapters, data=guide.posterior_mean())()
+        BC = [b @ c for b, c in zip(B, C.split(self._group_sizes))]
+        return dict(zip(self.layer_names, zip(_unbind_all(A), _unbind_all(BC))))
 
     @property
     def num_adapters(self) -> int:

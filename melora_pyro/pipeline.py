@@ -16,7 +16,8 @@ from .cloze import ClozeTemplate, template_for
 from .packing import PackedExample, pack_batch, pack_example
 from .readouts import ClozeReadout, LetterReadout
 from ._atomic import atomic_write_text
-from .metrics import summarize
+from .checkpoint import find_latest_checkpoint
+from .metrics import METRICS, bootstrap_ci, summarize
 from .models import default_cache_dir, load_base_model
 from .prefix_cache import PrefixCachedLM, cache_path, top_layer_targets
 from .plots import reliability_diagram
@@ -188,7 +189,41 @@ def build_run(settings: RunSettings, progress: bool = True):
 
     method = build_method(settings.method, base_factory, adapter, task.readout, seed=settings.train.seed,
                           **method_options(settings.method, settings.adapter, settings.train), **options)
+    peft = settings.init_from_peft
+    start_from_peft(method, settings, load=bool(peft) and Path(peft).is_dir())  # on resume the checkpoint wins
     return method, task
+
+
+def with_peft_adapter(settings: RunSettings) -> RunSettings:
+    """``settings`` with the adapter shape (rank, alpha, targets, dropout) of its ``init_from_peft``
+    adapter, the other adapter settings kept."""
+    from .peft_format import read_peft_config
+
+    kept = {k: v for k, v in settings.adapter.to_dict().items()
+            if k not in ("rank", "alpha", "target_modules", "dropout")}
+    return dataclasses.replace(settings, adapter=read_peft_config(settings.init_from_peft, **kept))
+
+
+def start_from_peft(method, settings: RunSettings, load: bool = True) -> None:
+    """Set every adapter set of ``method`` to the ``init_from_peft`` LoRA (if ``load``) and freeze its A
+    and B under ``freeze_ab``. Raises ``RunError`` for a method whose A is not a parameter (``blob``) or
+    that would have nothing left to train."""
+    from .peft_format import load_peft_adapter
+
+    if not (settings.init_from_peft or settings.freeze_ab):
+        return
+    for unit in method.units:
+        if len(unit.model.lora_A) == 0:
+            raise RunError(f"method {settings.method!r} has no point-estimated A to start from a peft adapter "
+                           f"or to freeze; use a Me-LoRA or LoRA method")
+        if settings.init_from_peft and load:
+            load_peft_adapter(unit.model, settings.init_from_peft)
+        if settings.freeze_ab:
+            unit.model.lora_A.requires_grad_(False)
+            unit.model.lora_B.requires_grad_(False)
+    if settings.freeze_ab and method.adapter_state() == 0:
+        raise RunError(f"freeze_ab with method {settings.method!r} leaves nothing to train (C is fixed); "
+                       f"use a method with a learned q(C), e.g. melora")
 
 
 def _prefix_cached(settings: RunSettings, base, examples: list, task: Task, progress: bool):
@@ -257,6 +292,8 @@ def train_run(settings: RunSettings, run_dir, resume: bool = False, progress: bo
     """Train ``settings.method`` into the run directory ``run_dir`` (created and locked here); returns
     ``(method, task)``."""
     settings = settings.for_method()
+    if settings.init_from_peft and find_latest_checkpoint(run_dir) is None:
+        settings = with_peft_adapter(settings)
     method, task = build_run(settings)
     with open_run_dir(run_dir, writer=is_writer()):
         fit_run(settings, method, task, run_dir, resume=resume, progress=progress)
@@ -324,6 +361,26 @@ def write_evaluation(metrics: dict, run_dir) -> Path:
     rundir.record_written(run_dir, path.name)
     atomic_write_text(path, json.dumps(metrics, indent=2))
     return path
+
+
+def paired_markdown(predictions: dict[str, tuple], pairs, num_resamples: int = 1000) -> str:
+    """A Markdown table of ``a - b`` for each ``(a, b)`` of ``pairs``: the difference of ACC / ECE / NLL /
+    Brier on the same questions and its 95% paired-bootstrap CI (``metrics.bootstrap_ci``).
+    ``predictions``: ``{method: (probs (N, K), labels (N,))}``."""
+    lines = ["Differences on the same questions, 95% paired-bootstrap CIs (1,000 resamples); a CI that "
+             "excludes 0 resolves the difference.", "",
+             "| difference | " + " | ".join(f"Δ {k.upper()}" for k in METRICS) + " |",
+             "|---|" + "---|" * len(METRICS)]
+    for a, b in pairs:
+        if a not in predictions or b not in predictions:
+            continue
+        (pa, labels), (pb, _) = predictions[a], predictions[b]
+        cells = []
+        for metric in METRICS.values():
+            lo, hi = bootstrap_ci(metric, pa, labels, pb, num_resamples=num_resamples)
+            cells.append(f"{metric(pa, labels) - metric(pb, labels):+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(results: dict[str, dict], settings: RunSettings, command: str | None = None) -> str:

@@ -43,6 +43,9 @@ class RunSettings:
     layers to the top N (plus ``lm_head`` if targeted) and caches the frozen layers below, on disk.
     ``trust_remote_code`` lets ``transformers`` run Python code shipped with a hub model; it is off
     unless asked for (``--trust-remote-code``), and ``load_settings`` never reads it from a run directory.
+    ``init_from_peft`` starts A and B from a peft LoRA adapter directory (its rank, alpha, targets and
+    dropout replace ``adapter``'s; C's mean starts at the identity, so the run starts as that adapter);
+    ``freeze_ab`` keeps A and B fixed and trains the guide alone (q(C) post hoc).
     """
 
     model: str = "smollm2-135m"
@@ -61,6 +64,8 @@ class RunSettings:
     dtype: str = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
+    init_from_peft: str | None = None
+    freeze_ab: bool = False
     adapter: MeLoRAConfig = field(default_factory=MeLoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -90,6 +95,9 @@ class RunSettings:
             ("device", isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device),
              "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
             ("trust_remote_code", isinstance(self.trust_remote_code, bool), "true or false"),
+            ("init_from_peft", self.init_from_peft is None or text(self.init_from_peft),
+             "a peft adapter directory or None"),
+            ("freeze_ab", isinstance(self.freeze_ab, bool), "true or false"),
             ("adapter", isinstance(self.adapter, MeLoRAConfig), "a MeLoRAConfig"),
             ("train", isinstance(self.train, TrainConfig), "a TrainConfig"),
         ]

@@ -77,3 +77,16 @@ def test_toml_config_and_flags(tmp_path, stories, capsys):
     config.write_text("[adapter]\nrnak = 3\n")
     assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "other")]) == 2
     assert "unknown keys ['rnak']" in capsys.readouterr().err
+
+
+def test_demo_runs_its_four_methods_on_the_embedded_slice(tmp_path, stories, capsys):
+    run_dir = tmp_path / "demo"
+    assert main(["demo", "--model", str(STORIES_DIR), "--rank", "2", "--steps", "2", "--train-limit", "16",
+                 "--eval-limit", "12", "--eval-samples", "2", "--max-length", "1024", "--run-dir", str(run_dir)]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert list(metrics) == ["zero-shot", "map", "map-ts", "melora"]
+    assert all(m["dataset"] == "arc-e-slice" and m["n"] == 12 for m in metrics.values())
+    assert metrics["map-ts"]["validation"] and metrics["map-ts"]["temperature"] > 0
+    summary = (run_dir / "summary.md").read_text()
+    assert "| melora - map |" in summary and "| melora - map-ts |" in summary and "| map - zero-shot |" in summary
+    assert summary in capsys.readouterr().out

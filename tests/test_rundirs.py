@@ -207,7 +207,8 @@ def test_resume_applies_and_records_a_new_lr(half, tmp_path):
     run = copy_of(half, tmp_path)
     assert main(["train", "--resume", "--steps", "4", "--lr", "3e-4", "--no-eval", "--run-dir", str(run)]) == 0
     trainer = json.loads((run / "checkpoints" / "step-00000004" / "trainer.json").read_text())
-    assert [g["lr"] for g in trainer["optimizer_param_groups"]] == [3e-4, 3e-4]
+    defaults = TrainConfig()  # the guide keeps its own rates (loc, log scale)
+    assert [g["lr"] for g in trainer["optimizer_param_groups"]] == [3e-4, defaults.guide_lr, defaults.guide_scale_lr]
     assert json.loads((run / "settings.json").read_text())["train"]["lr"] == 3e-4
     changes = json.loads((run / "melora-run.json").read_text())["changes"]
     assert changes == [{"step": 2, "train.lr": [1e-4, 3e-4], "train.steps": [2, 4], "time": changes[0]["time"]}]

@@ -61,6 +61,10 @@ class TemperatureScaledMethod:
     def units(self):
         return self.base.units
 
+    def unit_dirs(self, run_dir) -> list[Path]:
+        """``base``'s checkpoint directories (the temperature is refitted on load, deterministically)."""
+        return self.base.unit_dirs(run_dir)
+
     def __repr__(self):
         return f"TemperatureScaledMethod(base={self.base!r}, temperature={self.temperature})"
 
