@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(RunSettings):
         if f.name in _EVALUATE_FIELDS:
             _add_field_flag(evaluate, RunSettings, f)
+    evaluate.add_argument("--temperature-scale", action="store_true",
+                          help="first fit one temperature by NLL on the dataset's validation split (never the "
+                               "evaluated split) and score with it: temperature scaling on top of any method")
     evaluate.set_defaults(handler=_evaluate)
 
     predict = commands.add_parser("predict", formatter_class=_HelpFormatter, help="answer multiple-choice questions with a trained run")
@@ -263,26 +266,32 @@ def _train(args) -> int:
     return 0
 
 
-def _trained(args, **overrides):
+def _trained(args, check=None, **overrides):
     """``(settings, method, task)`` of the finished run ``args.run_dir``, loaded, never trained; code shipped
-    with its model runs only if this command line says ``--trust-remote-code``."""
+    with its model runs only if this command line says ``--trust-remote-code``. ``check(settings)``, if
+    given, runs before anything is loaded."""
     from .pipeline import load_run
 
     fields = {f.name for f in dataclasses.fields(RunSettings)}
     given = {k: v for k, v in vars(args).items() if k in fields}
     settings = dataclasses.replace(load_settings(args.run_dir), **{**given, **overrides})
+    if check is not None:
+        check(settings)
     method, task = load_run(settings, args.run_dir)
     return settings, method, task
 
 
 def _evaluate(args) -> int:
-    from .pipeline import score, write_evaluation
+    from .pipeline import check_temperature_scaling, score, temperature_scaled, write_evaluation
 
     rundir.check_unlocked(args.run_dir)
-    settings, method, task = _trained(args, **{k: _absolute(k, v) for k, v in vars(args).items() if k == "data_dir"})
-    metrics = score(settings, method, task)[0]
+    settings, method, task = _trained(args, check=check_temperature_scaling if args.temperature_scale else None,
+                                      **{k: _absolute(k, v) for k, v in vars(args).items() if k == "data_dir"})
+    if args.temperature_scale:
+        method = temperature_scaled(settings, method, task)
+    metrics, predictions = score(settings, method, task)
     with rundir.lock_run_dir(args.run_dir):
-        path = write_evaluation(metrics, args.run_dir)
+        path = write_evaluation(metrics, args.run_dir, predictions)
     _print_metrics(metrics)
     print(f"results: {path}")
     return 0

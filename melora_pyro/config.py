@@ -35,6 +35,8 @@ class MeLoRAConfig:
             C -> D1^-1 C D2^-1`` along which training with the full-weight KL switched the adapter off
             (DESIGN.md section 3). ``"none"``: A and B as stored, C starts at the identity (plain
             LoRA when C is fixed at I: ``guides.IdentityGuide`` needs it).
+        init_scale: the initial standard deviation of every entry of the variational guide's Omega
+            (``guides.MeanFieldGuide``, the ``melora`` family); point methods ignore it.
     """
 
     rank: int = 8
@@ -46,6 +48,7 @@ class MeLoRAConfig:
     dropout: float = 0.0
     init_b_std: float = 1e-3
     gauge: str = "none"
+    init_scale: float = 1e-2
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -69,6 +72,7 @@ class MeLoRAConfig:
             ("dropout", _is_number(self.dropout) and 0 <= self.dropout < 1, "a number in [0, 1)"),
             ("init_b_std", _is_number(self.init_b_std) and self.init_b_std > 0, "a positive number"),
             ("gauge", isinstance(self.gauge, str) and self.gauge in GAUGES, f"one of {GAUGES}"),
+            ("init_scale", _is_number(self.init_scale) and self.init_scale > 0, "a positive number"),
         ]
         for name, ok, expected in checks:
             if not ok:

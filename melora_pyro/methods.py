@@ -107,7 +107,7 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
         ensemble_size, aggregate: for ``ensemble`` (default 3, ``"logits"``; ``"probs"`` averages
             probabilities).
         prior_noise: for ``melora-noise`` (default ``config.prior_noise`` or 0.05).
-        init_scale: initial std of the variational guides (default 1e-2).
+        init_scale: initial std of the variational guides (default ``config.init_scale``, 1e-2).
         eps: for ``blob`` / ``blob-adamw``, the std parameter's initial scale (``BLOB_EPS``).
         kl_lr, kl_reweighting, dataset_rescaling: for ``blob`` (see ``baselines.BLoBUpdate``).
         kl_reweighting: for ``blob-adamw`` (default True; False: the plain ELBO, KL weight 1).
@@ -273,7 +273,7 @@ def _variational(model_class, guide_class, name, **pinned):
 
         def build():
             model = model_class(_fresh_base(base_model), config, ids, name=name.replace("-", "_"))
-            guide = guide_class(model, **{"init_scale": options["init_scale"]} if "init_scale" in options else {})
+            guide = guide_class(model, init_scale=options.get("init_scale", config.init_scale))
             return PyroMethod(model, guide, name=name)
         return _seeded(options.get("seed", 0), build)
     return builder

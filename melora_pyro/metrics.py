@@ -98,19 +98,27 @@ def summarize(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 METRICS = {"acc": accuracy, "ece": ece, "nll": nll, "brier": brier}
 
 
-def bootstrap_ci(metric, probs: torch.Tensor, labels: torch.Tensor, other: torch.Tensor | None = None,
+def bootstrap_ci(metric, probs, labels: torch.Tensor, other=None,
                  num_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap CI of ``metric(probs, labels)`` over questions; with ``other`` (the
     probabilities of a second method on the same questions) the CI of the paired difference
-    ``metric(probs) - metric(other)``, both computed on the same resampled questions."""
+    ``metric(probs) - metric(other)``, both computed on the same resampled questions.
+
+    ``probs`` (and ``other``) may also be a list of ``(N, K)`` tensors, e.g. one per seed: the
+    statistic is then the mean of ``metric`` over the list, every member resampled alike."""
     generator = torch.Generator().manual_seed(seed)
     n = labels.shape[0]
+
+    def value_of(p, index):
+        members = p if isinstance(p, (list, tuple)) else [p]
+        return sum(metric(m[index], labels[index]) for m in members) / len(members)
+
     values = []
     for _ in range(num_resamples):
         index = torch.randint(n, (n,), generator=generator)
-        value = metric(probs[index], labels[index])
+        value = value_of(probs, index)
         if other is not None:
-            value -= metric(other[index], labels[index])
+            value -= value_of(other, index)
         values.append(value)
     values = torch.tensor(values, dtype=torch.float64)
     tail = (1 - level) / 2

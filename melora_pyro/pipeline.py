@@ -334,14 +334,16 @@ def score(settings: RunSettings, method, task: Task, progress: bool = True) -> t
 
 
 def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: bool = True):
-    """Score ``task.eval``; write ``metrics.json``, ``summary.md`` and ``reliability.png`` (the results
-    ``train`` leaves in its run directory). Returns ``(metrics, (probs (N, K), labels (N,)))``.
+    """Score ``task.eval``; write ``metrics.json``, ``predictions.safetensors`` (``write_predictions``),
+    ``summary.md`` and ``reliability.png`` (the results ``train`` leaves in its run directory).
+    Returns ``(metrics, (probs (N, K), labels (N,)))``.
     """
     metrics, (probs, labels) = score(settings, method, task, progress=progress)
     if not is_writer():  # evaluate() gathered every process's shard
         return metrics, (probs, labels)
     run_dir = Path(run_dir)
-    rundir.record_written(run_dir, "metrics.json", "reliability.png", "summary.md")
+    rundir.record_written(run_dir, "metrics.json", "predictions.safetensors", "reliability.png", "summary.md")
+    write_predictions(run_dir / "predictions.safetensors", probs, labels)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     reliability_diagram({settings.method: (probs, labels)}, run_dir / "reliability.png",
                         title=f"{settings.dataset} ({settings.eval_split})")
@@ -349,18 +351,65 @@ def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: b
     return metrics, (probs, labels)
 
 
-def write_evaluation(metrics: dict, run_dir) -> Path:
+def write_evaluation(metrics: dict, run_dir, predictions: tuple | None = None) -> Path:
     """Write ``metrics`` of an ``evaluate`` to ``run_dir/eval-<split>-<time>.json`` (a new file; what
-    ``train`` wrote stays as it was); returns its path."""
+    ``train`` wrote stays as it was) and ``predictions`` ``(probs, labels)`` beside it as
+    ``eval-<split>-<time>.safetensors``; returns the JSON file's path."""
     run_dir = Path(run_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, n = run_dir / f"eval-{metrics['split']}-{stamp}.json", 1
     while path.exists():
         n += 1
         path = run_dir / f"eval-{metrics['split']}-{stamp}-{n}.json"
-    rundir.record_written(run_dir, path.name)
+    rundir.record_written(run_dir, path.name, *([path.with_suffix(".safetensors").name] if predictions else []))
+    if predictions:
+        write_predictions(path.with_suffix(".safetensors"), *predictions)
     atomic_write_text(path, json.dumps(metrics, indent=2))
     return path
+
+
+def write_predictions(path, probs: torch.Tensor, labels: torch.Tensor) -> None:
+    """``probs`` (N, K) float32 and ``labels`` (N,) int64 of the evaluated questions, in their order,
+    as safetensors (``read_predictions``), for paired comparisons without scoring again."""
+    from safetensors.torch import save
+
+    blob = save({"probs": probs.detach().float().cpu().contiguous(), "labels": labels.long().cpu().contiguous()})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
+
+
+def read_predictions(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs (N, K), labels (N,))`` written by ``write_predictions``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return tensors["probs"], tensors["labels"]
+
+
+def check_temperature_scaling(settings: RunSettings) -> None:
+    """``RunError`` unless ``settings.dataset`` has a validation split other than the evaluated one."""
+    if "validation" not in data.DATASETS[settings.dataset].splits or settings.eval_split == "validation":
+        raise RunError(f"temperature scaling a trained run needs a validation split other than the evaluated "
+                       f"one; dataset {settings.dataset!r} evaluated on {settings.eval_split!r} has none "
+                       f"(train with --method map-ts to hold out part of train instead)")
+
+
+def temperature_scaled(settings: RunSettings, method, task: Task, progress: bool = True):
+    """``method`` (trained) followed by one temperature fitted by NLL on the dataset's validation split
+    (``baselines.TemperatureScaledMethod``), scored with ``settings.eval_samples`` like the test split.
+    ``RunError`` where there is no such split apart from the evaluated one: a hold-out of train would
+    be data the method was trained on."""
+    from .baselines import TemperatureScaledMethod
+
+    check_temperature_scaling(settings)
+    val = data.load_examples(settings.dataset, "validation", settings.data_dir, settings.train.seed)
+    scaled = TemperatureScaledMethod(method, task.prepare(val, "validation"),
+                                     validation=f"{settings.dataset} validation split ({len(val)})",
+                                     val_samples=settings.eval_samples, name=f"{settings.method}+ts")
+    scaled.calibrate(task.collate, progress=progress)
+    return scaled
 
 
 def paired_markdown(predictions: dict[str, tuple], pairs, num_resamples: int = 1000) -> str:

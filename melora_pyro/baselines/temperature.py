@@ -39,12 +39,22 @@ class TemperatureScaledMethod:
         if val is None:
             examples, val, self.validation = holdout_validation(examples, train_config.seed)
         history = self.base.fit(examples, collate, train_config, run_dir=run_dir, resume=resume, progress=progress)
+        self.calibrate(collate, val)
+        return history
+
+    def calibrate(self, collate: Callable[[list], Batch], val_examples: Sequence | None = None,
+                  progress: bool = False) -> float:
+        """Fit the temperature of the (trained) ``base`` on ``val_examples`` (default: the ones given
+        at construction); returns it."""
+        val = self.val_examples if val_examples is None else val_examples
+        if not val:
+            raise ValueError(f"{self.name}: no validation examples to fit the temperature on")
         probs, labels = evaluate(lambda batch: self.base.predict(batch, self.val_samples), val, collate,
-                                 progress=False)
+                                 progress=progress)
         self.temperature = fit_temperature(probs, labels)
         self.validation_nll = {"before": temperature_nll(probs, labels, 1.0),
                                "after": temperature_nll(probs, labels, self.temperature)}
-        return history
+        return self.temperature
 
     @torch.no_grad()
     def predict(self, batch: Batch, num_samples: int) -> torch.Tensor:

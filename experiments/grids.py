@@ -1,0 +1,45 @@
+"""The CPU profile the studies share, as ``melora-pyro train`` flags, and their table helpers.
+
+CPU profile: SmolLM2-135M, cloze scoring (``sum``), adapters r = 8, alpha = 16 on q_proj and v_proj
+of the top 2 of 30 decoder layers and on lm_head, the frozen layers below from the prefix cache;
+AdamW lr 3e-4, batch 8, constant lr (MAP's lr and epochs were chosen on ARC-Easy dev:
+results/arc-e_map_cloze_cpu.md); 4 posterior samples at evaluation.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+from melora_pyro import data
+from melora_pyro.grid import Cell
+
+CPU_PROFILE = ("--adapt-top-layers", "2", "--target-modules", "q_proj", "v_proj", "lm_head", "--rank", "8",
+               "--alpha", "16", "--lr", "3e-4", "--batch-size", "8", "--scoring", "cloze", "--log-every", "50")
+BATCH_SIZE = 8
+EVAL_SAMPLES = 4
+
+
+def steps_for(dataset: str, data_dir: str, epochs: float) -> int:
+    """Optimiser steps for ``epochs`` passes over ``dataset``'s training split at ``BATCH_SIZE``."""
+    return math.ceil(len(data.load_examples(dataset, "train", data_dir)) * epochs / BATCH_SIZE)
+
+
+def train_flags(method: str, dataset: str, data_dir: str, epochs: float = 1, seed: int = 0,
+                eval_split: str = "test", extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The ``melora-pyro train`` flags of one run of the CPU profile."""
+    samples = "0" if method in ("zero-shot", "map", "mle") else str(EVAL_SAMPLES)
+    return ("--method", method, "--dataset", dataset, "--data-dir", data_dir, *CPU_PROFILE,
+            "--steps", str(steps_for(dataset, data_dir, epochs) if method != "zero-shot" else 1),
+            "--seed", str(seed), "--eval-split", eval_split, "--eval-samples", samples, *extra)
+
+
+def temperature_cell(trained: Cell, name: str) -> Cell:
+    """The cell that scores ``trained``'s run with one temperature fitted on the validation split."""
+    return Cell(name, trained.flags, run=trained.run_name, evaluate=("--temperature-scale",))
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` over seeds (std of the sample; just the value for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"

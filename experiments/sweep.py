@@ -1,0 +1,118 @@
+"""Me-LoRA's defaults by sweep on ARC-Easy *validation* (never test), CPU profile (``experiments.grids``).
+
+    python -m experiments.sweep --data-dir ../shared/data [--jobs 2] [--root runs/sweep]
+
+One seed, the full train split (2,251 questions), the 570 dev questions. One setting is changed at a
+time from the default (prior std 0.2, full-weight KL, init_scale 1e-2, guide lrs 1e-2 / 5e-2, 1 epoch):
+prior kind (``melora-elementwise``) and std, init_scale, the guide's scale lr, epochs; MAP at 1 and 2
+epochs is the reference. Every cell is a ``melora-pyro train`` run (``melora_pyro.grid``); rerunning
+skips finished cells. Writes ``results/sweep_arc-e_dev.{md,json,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from melora_pyro._atomic import atomic_write_text
+from melora_pyro.grid import Cell, cell_cost, read_cell, run_grid
+from melora_pyro.metrics import accuracy, bootstrap_ci
+
+from .grids import train_flags
+
+DATASET = "arc-e"
+# (cell name, method, epochs, extra flags, what is varied)
+SETTINGS = (
+    ("map-1ep", "map", 1, (), "MAP, 1 epoch (reference)"),
+    ("map-2ep", "map", 2, (), "MAP, 2 epochs"),
+    ("melora", "melora", 1, (), "Me-LoRA default"),
+    ("melora-elementwise", "melora-elementwise", 1, (), "KL: elementwise"),
+    ("melora-prior1", "melora", 1, ("--prior-std", "1.0"), "prior std 1.0"),
+    ("melora-prior0.05", "melora", 1, ("--prior-std", "0.05"), "prior std 0.05"),
+    ("melora-init0.1", "melora", 1, ("--init-scale", "0.1"), "init_scale 0.1"),
+    ("melora-gslr0.2", "melora", 1, ("--guide-scale-lr", "0.2"), "guide scale lr 0.2"),
+    ("melora-gslr0.01", "melora", 1, ("--guide-scale-lr", "0.01"), "guide scale lr 0.01"),
+    ("melora-2ep", "melora", 2, (), "Me-LoRA, 2 epochs"),
+)
+
+
+def cells(data_dir: str) -> list[Cell]:
+    return [Cell(name, train_flags(method, DATASET, data_dir, epochs, eval_split="validation", extra=extra))
+            for name, method, epochs, extra, _ in SETTINGS]
+
+
+def omega_stats(run_dir: Path) -> str:
+    """Omega's median [10%, 90%] at the last logged step (variational methods), else ''."""
+    log = run_dir / "train_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    last = next((r for r in reversed(rows) if "omega_median" in r), None)
+    if last is None:
+        return ""
+    return f"{last['omega_median']:.3f} [{last['omega_q10']:.3f}, {last['omega_q90']:.3f}]"
+
+
+def report(grid: list[Cell], root: Path, out: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, doc = [], {}
+    for cell, (_, _, _, _, what) in zip(grid, SETTINGS):
+        try:
+            probs, labels, metrics = read_cell(cell, root)
+        except Exception:
+            continue
+        cost = cell_cost(cell, root) or {}
+        doc[cell.name] = {**{k: metrics[k] for k in ("acc", "ece", "nll", "brier")}, "what": what,
+                          "omega": omega_stats(root / cell.run_name), "cpu_s": cost.get("cpu_s"),
+                          "wall_s": cost.get("wall_s"), "command": cell.command(root),
+                          "acc_ci": bootstrap_ci(accuracy, probs, labels)}
+        rows.append(cell.name)
+    n = len(labels) if rows else 0
+    lines = [f"# Sweep on ARC-Easy validation (n = {n}), CPU profile, seed 0", "",
+             "Command: `python -m experiments.sweep --data-dir ../shared/data --jobs 2`", "",
+             "Judged on the dev split only; the test split is not read. Omega: median [10 %, 90 %] of the "
+             "guide's std at the last logged step. CPU time: user + system seconds of the cell's commands.", "",
+             "| cell | varied | ACC [95% CI] | ECE | NLL | Brier | Omega | CPU s |", "|---|---|---|---|---|---|---|---|"]
+    for name in rows:
+        r = doc[name]
+        lines.append(f"| {name} | {r['what']} | {r['acc']:.4f} [{r['acc_ci'][0]:.3f}, {r['acc_ci'][1]:.3f}] | "
+                     f"{r['ece']:.4f} | {r['nll']:.4f} | {r['brier']:.4f} | {r['omega']} | "
+                     f"{r['cpu_s'] or 0:.0f} |")
+    lines += ["", "Commands:", ""] + [f"- {name}: `{doc[name]['command']}`" for name in rows]
+    total = sum(doc[name]["cpu_s"] or 0 for name in rows)
+    lines += ["", f"Total CPU time of the cells run: {total / 60:.1f} min."]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
+    if rows:
+        figure = Figure(figsize=(10, 3.6))
+        for i, key in enumerate(("acc", "ece", "nll")):
+            ax = figure.add_subplot(1, 3, i + 1)
+            ax.barh(range(len(rows)), [doc[r][key] for r in rows], color=["tab:gray" if r.startswith("map")
+                                                                          else "tab:blue" for r in rows])
+            ax.set_yticks(range(len(rows)), rows if i == 0 else [""] * len(rows), fontsize=7)
+            ax.invert_yaxis()
+            ax.set_title(f"dev {key.upper()} {'↑' if key == 'acc' else '↓'}")
+        figure.tight_layout()
+        FigureCanvasAgg(figure).print_png(str(out.with_suffix(".png")))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--root", default="runs/sweep", help="where the run directories go")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (the CPU threads are split)")
+    parser.add_argument("--out", default="results/sweep_arc-e_dev")
+    parser.add_argument("--only", nargs="*", help="run only these cells (the report includes every done cell)")
+    args = parser.parse_args(argv)
+    grid = cells(str(Path(args.data_dir).absolute()))
+    chosen = [c for c in grid if not args.only or c.name in args.only]
+    status = run_grid(chosen, args.root, jobs=args.jobs)
+    report(grid, Path(args.root), Path(args.out))
+    failed = {k: v for k, v in status.items() if v != "done"}
+    print(open(Path(args.out).with_suffix(".md")).read())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""Grids of CLI runs: every cell is one ``melora-pyro train`` command (plus, optionally, one
+``melora-pyro evaluate`` of its run), run as a subprocess, resumable, and read back from its run
+directory.
+
+    cells = [Cell("map-s0", ("--method", "map", "--dataset", "arc-e", ...)),
+             Cell("map-ts-s0", ("--method", "map", ...), run="map-s0", evaluate=("--temperature-scale",))]
+    run_grid(cells, "runs/comparison", jobs=2)        # skips finished cells, resumes stopped ones
+    probs, labels, metrics = read_cell(cells[1], "runs/comparison")
+
+A cell that shares ``run`` with another reuses its training (the same flags must give the same run: the
+first cell trains it); its ``evaluate`` flags score it again (e.g. with a fitted temperature) into an
+``eval-<split>-<time>.json`` of its own. Every cell's ``command`` is the shell line that reproduces it.
+Parallel cells split the CPU threads between them (``OMP_NUM_THREADS``): on a few cores, two one-thread
+runs finish sooner than two two-thread runs one after the other.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import rundir
+from .errors import MeLoRAError
+from .pipeline import read_predictions
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: ``train`` flags (no ``--run-dir``), the run directory name (default ``name``)
+    and the flags of a follow-up ``evaluate`` whose result the cell reports (None: train's own)."""
+
+    name: str
+    flags: tuple[str, ...]
+    run: str | None = None
+    evaluate: tuple[str, ...] | None = None
+
+    @property
+    def run_name(self) -> str:
+        return self.run or self.name
+
+    def commands(self, root) -> list[list[str]]:
+        """The ``melora-pyro`` command lines of this cell (train, then evaluate if any)."""
+        run_dir = str(Path(root) / self.run_name)
+        lines = [["melora-pyro", "train", *self.flags, "--run-dir", run_dir]]
+        if self.evaluate is not None:
+            lines.append(["melora-pyro", "evaluate", "--run-dir", run_dir, *self.evaluate])
+        return lines
+
+    def command(self, root) -> str:
+        """The shell line that reproduces this cell."""
+        return " && ".join(" ".join(shlex.quote(a) for a in line) for line in self.commands(root))
+
+
+class GridError(MeLoRAError):
+    """A cell failed, or its results are missing."""
+
+
+def is_done(cell: Cell, root) -> bool:
+    """Whether ``cell``'s results are on disk."""
+    try:
+        _result_file(cell, root)
+        return True
+    except GridError:
+        return False
+
+
+def run_grid(cells: list[Cell], root, jobs: int = 1, log=print) -> dict[str, str]:
+    """Run every cell not yet done, ``jobs`` at a time; returns ``{name: "done" | "failed: ..."}``.
+
+    A run directory left unfinished (a stopped command) is continued with ``--resume``; each cell's
+    output goes to ``root/<name>.log``. Cells sharing a run wait for the one that trains it.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    by_run: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_run.setdefault(cell.run_name, []).append(cell)
+
+    def run_group(group: list[Cell]) -> dict[str, str]:
+        status = {}
+        for cell in group:
+            if is_done(cell, root):
+                status[cell.name] = "done"
+                continue
+            log(f"[grid] {cell.name}: {cell.command(root)}")
+            try:
+                _run_cell(cell, root, threads)
+                status[cell.name] = "done"
+                log(f"[grid] {cell.name}: done")
+            except GridError as e:
+                status[cell.name] = f"failed: {e}"
+                log(f"[grid] {cell.name}: FAILED ({e})")
+        return status
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(run_group, by_run.values()))
+    return {name: s for status in results for name, s in status.items()}
+
+
+def _run_cell(cell: Cell, root: Path, threads: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    run_dir = root / cell.run_name
+    train, *evaluate = cell.commands(root)
+    log_path = root / f"{cell.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    costs = []
+    if not _trained(run_dir):
+        if (run_dir / rundir.MARKER).is_file():
+            train = train + ["--resume"]
+        costs.append(_call(train, log_path, env))
+    if evaluate:
+        costs.append(_call(evaluate[0], log_path, env))
+    _result_file(cell, root)  # raises if the command left no result
+    cost = {key: sum(c[key] for c in costs) for key in ("wall_s", "cpu_s")}
+    (root / f"{cell.name}.cost.json").write_text(json.dumps({**cost, "command": cell.command(root)}, indent=2))
+
+
+def _call(line: list[str], log_path: Path, env: dict) -> dict:
+    """Run one ``melora-pyro`` line with this interpreter; ``{"wall_s", "cpu_s"}`` it took."""
+    executable = [sys.executable, "-m", "melora_pyro.cli", *line[1:]]
+    with open(log_path, "a") as out:
+        out.write("$ " + " ".join(shlex.quote(a) for a in line) + "\n")
+        out.flush()
+        start = time.monotonic()
+        process = subprocess.Popen(executable, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise GridError(f"exit status {process.returncode}, see {log_path}")
+    return {"wall_s": time.monotonic() - start, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def cell_cost(cell: Cell, root) -> dict | None:
+    """``{"wall_s", "cpu_s", "command"}`` of the commands this grid ran for ``cell`` (None if it ran none)."""
+    path = Path(root) / f"{cell.name}.cost.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _trained(run_dir: Path) -> bool:
+    return (run_dir / "metrics.json").is_file() and rundir.read_marker(run_dir).get("finished", False)
+
+
+def _result_file(cell: Cell, root) -> Path:
+    """The metrics file the cell reports: train's ``metrics.json``, or its newest ``evaluate`` result."""
+    run_dir = Path(root) / cell.run_name
+    if cell.evaluate is None:
+        path = run_dir / "metrics.json"
+        if not (_trained(run_dir) and _predictions_file(path).is_file()):
+            raise GridError(f"{cell.name}: no results in {run_dir}")
+        return path
+    wanted = "temperature" if "--temperature-scale" in cell.evaluate else None
+    found = [p for p in sorted(run_dir.glob("eval-*.json")) if _predictions_file(p).is_file()
+             and (wanted is None) != (wanted in json.loads(p.read_text()))]
+    if not found:
+        raise GridError(f"{cell.name}: no evaluation in {run_dir}")
+    return found[-1]
+
+
+def read_cell(cell: Cell, root):
+    """``(probs (N, K), labels (N,), metrics dict)`` of a done cell."""
+    path = _result_file(cell, root)
+    probs, labels = read_predictions(_predictions_file(path))
+    return probs, labels, json.loads(path.read_text())
+
+
+def _predictions_file(metrics_file: Path) -> Path:
+    """Where the predictions of a metrics file are (``pipeline.evaluate_run``, ``write_evaluation``)."""
+    if metrics_file.name == "metrics.json":
+        return metrics_file.with_name("predictions.safetensors")
+    return metrics_file.with_suffix(".safetensors")

@@ -1,0 +1,90 @@
+"""Grids of CLI runs (``melora_pyro.grid``) and temperature scaling of a trained run, on stories260K."""
+import json
+
+import pytest
+import torch
+
+from melora_pyro import MeLoRAConfig
+from melora_pyro.cli import main
+from melora_pyro.grid import Cell, is_done, read_cell, run_grid
+from melora_pyro.methods import build_method
+from melora_pyro.metrics import bootstrap_ci, ece, nll
+from melora_pyro.models import tiny_llama
+from melora_pyro.pipeline import read_predictions
+
+from .conftest import STORIES_DIR
+
+FLAGS = ("--model", str(STORIES_DIR), "--dataset", "toy", "--rank", "2", "--steps", "3", "--batch-size", "4",
+         "--train-limit", "16", "--eval-limit", "12", "--eval-samples", "0", "--lr", "1e-2", "--max-length", "64")
+
+
+def test_posthoc_temperature_equals_map_ts_trained_with_the_same_settings(tmp_path, stories):
+    """``evaluate --temperature-scale`` of a map run = a ``map-ts`` run: same trained adapter, same
+    validation split, same temperature and test probabilities, without training twice."""
+    assert main(["train", *FLAGS, "--method", "map", "--run-dir", str(tmp_path / "map")]) == 0
+    assert main(["evaluate", "--run-dir", str(tmp_path / "map"), "--temperature-scale"]) == 0
+    assert main(["train", *FLAGS, "--method", "map-ts", "--run-dir", str(tmp_path / "map-ts")]) == 0
+    [posthoc] = sorted((tmp_path / "map").glob("eval-test-*.json"))
+    scaled, trained = json.loads(posthoc.read_text()), json.loads((tmp_path / "map-ts" / "metrics.json").read_text())
+    assert scaled["temperature"] == pytest.approx(trained["temperature"], rel=1e-6)
+    assert scaled["validation"] == trained["validation"] == "toy validation split (100)"
+    probs, labels = read_predictions(posthoc.with_suffix(".safetensors"))
+    expected, expected_labels = read_predictions(tmp_path / "map-ts" / "predictions.safetensors")
+    assert torch.equal(labels, expected_labels) and torch.allclose(probs, expected, atol=1e-6)
+    unscaled, _ = read_predictions(tmp_path / "map" / "predictions.safetensors")
+    assert not torch.allclose(unscaled, probs)  # the temperature did change the probabilities
+    assert scaled["nll"] == pytest.approx(nll(probs, labels), rel=1e-5)
+
+
+def test_temperature_scaling_a_run_is_refused_without_a_separate_validation_split(tmp_path, stories, capsys):
+    run = tmp_path / "map"
+    assert main(["train", *FLAGS, "--method", "map", "--eval-split", "validation", "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run-dir", str(run), "--temperature-scale"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "validation split other than the evaluated one" in err[0]
+    assert not list(run.glob("eval-*"))  # nothing half-written
+
+
+def test_a_grid_runs_each_cell_once_shares_training_and_reports_failures(tmp_path, stories):
+    root = tmp_path / "grid"
+    map_cell = Cell("toy/map", FLAGS + ("--method", "map"))
+    grid = [map_cell,
+            Cell("toy/map-ts", map_cell.flags, run="toy/map", evaluate=("--temperature-scale",)),
+            Cell("toy/broken", FLAGS + ("--method", "map", "--rank", "0"))]
+    assert not any(is_done(c, root) for c in grid)
+    status = run_grid(grid, root, jobs=2, log=lambda *_: None)
+    assert status["toy/map"] == status["toy/map-ts"] == "done"
+    assert status["toy/broken"].startswith("failed: exit status 2")
+    assert not (root / "toy" / "map-ts").exists()  # the temperature cell reused the map run
+    probs, labels, metrics = read_cell(grid[0], root)
+    scaled, scaled_labels, scaled_metrics = read_cell(grid[1], root)
+    assert probs.shape == scaled.shape == (12, 4) and torch.equal(labels, scaled_labels)
+    assert "temperature" in scaled_metrics and "temperature" not in metrics
+    assert grid[1].command(root).count("melora-pyro") == 2
+    cost = json.loads((root / "toy" / "map.cost.json").read_text())
+    assert cost["cpu_s"] > 0 and cost["command"] == grid[0].command(root)
+    log_before = (root / "toy" / "map.log").read_text()
+    assert run_grid(grid[:2], root, log=lambda *_: None) == {"toy/map": "done", "toy/map-ts": "done"}
+    assert (root / "toy" / "map.log").read_text() == log_before  # finished cells are not run again
+
+
+def test_seed_lists_bootstrap_the_mean_over_seeds_on_the_same_resamples():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    a, b = (torch.randn(200, 4, generator=g).softmax(-1) for _ in range(2))
+    assert bootstrap_ci(ece, [a], labels, [b]) == bootstrap_ci(ece, a, labels, b)
+    assert bootstrap_ci(ece, [a, a], labels, [b, b]) == pytest.approx(bootstrap_ci(ece, a, labels, b))
+    lo, hi = bootstrap_ci(nll, [a, b], labels, [b, b])  # the mean of (a - b) and (b - b) = 0
+    single = bootstrap_ci(nll, a, labels, b)
+    assert (lo, hi) == pytest.approx((single[0] / 2, single[1] / 2), abs=1e-6)
+
+
+def test_init_scale_is_an_adapter_setting_the_guide_starts_from():
+    config = MeLoRAConfig(rank=2, target_modules=("v_proj",), init_scale=0.3)
+    method = build_method("melora", tiny_llama, config, [3, 4])
+    assert torch.allclose(method.guide.log_scale.exp(), torch.tensor(0.3))
+    given = build_method("melora", tiny_llama, config, [3, 4], init_scale=0.05)
+    assert torch.allclose(given.guide.log_scale.exp(), torch.tensor(0.05))
+    with pytest.raises(Exception, match="init_scale must be a positive number"):
+        MeLoRAConfig(init_scale=0.0)
