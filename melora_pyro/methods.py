@@ -63,6 +63,7 @@ MAP_WEIGHT_DECAY = 1e-5       # AdamW's decoupled weight decay on A and B for ma
 ENSEMBLE_WEIGHT_DECAY = 0.0   # the deep-ensemble scripts set none
 MC_DROPOUT = 0.1              # adapter-input dropout of mcdropout, in training and at test
 ENSEMBLE_SIZE = 3
+BLOB_PRIOR_STD = 0.2          # BLoB's prior N(0, 0.2^2) on A (its scripts' --bayes-prior-sigma), whatever Me-LoRA's default
 DEFAULT_PRIOR_NOISE = 0.05    # eta of melora-noise when config.prior_noise is 0
 VALIDATION_METHODS = ("map-ts",)  # methods that fit something on validation data (option val_examples)
 
@@ -84,6 +85,8 @@ METHOD_DEFAULTS = {
     "laplace": {"weight_decay": MAP_WEIGHT_DECAY},
     "mcdropout": {"dropout": MC_DROPOUT},
     "melora-noise": {"prior_noise": DEFAULT_PRIOR_NOISE},
+    "blob": {"prior_std": BLOB_PRIOR_STD},
+    "blob-adamw": {"prior_std": BLOB_PRIOR_STD},
 }
 _NEEDS_POSITIVE = {"mcdropout": "dropout", "melora-noise": "prior_noise"}
 
@@ -168,7 +171,8 @@ def _instead(name: str, key: str) -> str:
 
 def method_options(name: str, config: MeLoRAConfig, train_config) -> dict:
     """The ``build_method`` options that carry the method's knobs (``METHOD_DEFAULTS``) from the settings."""
-    return {key: getattr(train_config if key == "weight_decay" else config, key) for key in METHOD_DEFAULTS.get(name, {})}
+    return {key: getattr(train_config if key == "weight_decay" else config, key)
+            for key in METHOD_DEFAULTS.get(name, {}) if key in _BUILDERS[name][1]}  # the rest travel in config
 
 
 def _seeded(seed: int, build: Callable[[], object]):
