@@ -1,4 +1,6 @@
-"""Shared code of the experiments: profiles, data, base models, one run of a method, and the outputs.
+"""Shared code of the letter-scored experiments ``ood`` and ``memory``: profiles, data, base models, one
+run of a method, and the outputs. (The in-distribution table is now ``experiments.comparison``, a grid
+of CLI runs; ``ood`` still scores lettered prompts here and has not been moved to the grid.)
 
 Every experiment is one command::
 
@@ -419,43 +421,3 @@ def setup(args, name: str) -> tuple[Profile, Results, Bases]:
     results = Results(args.out or f"results/{name}_{profile.name}", name, profile,
                       command_line(f"experiments.{name}"), args.resume)
     return profile, results, base_factory(profile)
-
-
-def dataset_sections(results: Results, datasets: Sequence[str], methods: Sequence[str]) -> list[str]:
-    """Per dataset (trained and tested on it): the metric table and the reliability diagram."""
-    lines = boolq_note(datasets)
-    for dataset in datasets:
-        rows = {m: collect(results.doc["runs"], dataset, m, dataset) for m in methods}
-        if not any(rows.values()):
-            continue
-        lines += [f"## {dataset}", ""] + metric_table(rows) + [""]
-        figure = reliability_figures(results, dataset, dataset, methods, dataset)
-        if figure:
-            lines += [f"![reliability {dataset}]({figure})", ""]
-    return lines
-
-
-def run_in_distribution(args, name: str, title: str, variants: dict[str, tuple[str, dict]]) -> int:
-    """Train and test every variant (``label -> (method, build options)``) on each of ``args.datasets``,
-    for each seed; results and tables are rewritten after every run."""
-    profile, results, bases = setup(args, name)
-
-    def render() -> list[str]:
-        return (markdown_header(title, results) + dataset_sections(results, args.datasets, list(variants))
-                + timing_lines(results))
-
-    for dataset in args.datasets:
-        train = load_split(dataset, "train", args.data_dir, profile.train_limit)
-        test = load_split(dataset, "test", args.data_dir, profile.test_limit)
-        print(f"{dataset}: {len(train)} train / {len(test)} test examples", flush=True)
-        bases.warm(train + test, task_collate(bases.tokenizer, profile, [train, test])[0])
-        for seed in profile.seeds:
-            for label, (method, options) in variants.items():
-                key = f"{dataset}/{label}/{seed}"
-                if not results.has(key):
-                    results.add(key, run_method(method, train, {dataset: test}, profile, seed, bases,
-                                                log=lambda line: print(line, flush=True), options=options))
-                    write_markdown(results, render())
-    path = write_markdown(results, render())
-    print(path.read_text(encoding="utf-8"), flush=True)
-    return 0
