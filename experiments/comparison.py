@@ -118,11 +118,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--root", default="runs/comparison", help="where the run directories go")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (the CPU threads are split)")
+    parser.add_argument("--threads", type=int, help="CPU threads per run (default: the cores / --jobs)")
     parser.add_argument("--out", default="results/comparison_cpu")
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
     grid = cells(args.datasets, args.methods, args.seeds, str(Path(args.data_dir).absolute()))
-    status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs)
+    status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs, threads=args.threads)
     print(report(grid, Path(args.root), Path(args.out), args.datasets))
     return 1 if any(v != "done" for v in status.values()) else 0
 

@@ -100,12 +100,13 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--root", default="runs/sweep", help="where the run directories go")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (the CPU threads are split)")
+    parser.add_argument("--threads", type=int, help="CPU threads per run (default: the cores / --jobs)")
     parser.add_argument("--out", default="results/sweep_arc-e_dev")
     parser.add_argument("--only", nargs="*", help="run only these cells (the report includes every done cell)")
     args = parser.parse_args(argv)
     grid = cells(str(Path(args.data_dir).absolute()))
     chosen = [c for c in grid if not args.only or c.name in args.only]
-    status = run_grid(chosen, args.root, jobs=args.jobs)
+    status = run_grid(chosen, args.root, jobs=args.jobs, threads=args.threads)
     report(grid, Path(args.root), Path(args.out))
     failed = {k: v for k, v in status.items() if v != "done"}
     print(open(Path(args.out).with_suffix(".md")).read())

@@ -10,8 +10,9 @@ directory.
 A cell that shares ``run`` with another reuses its training (the same flags must give the same run: the
 first cell trains it); its ``evaluate`` flags score it again (e.g. with a fitted temperature) into an
 ``eval-<split>-<time>.json`` of its own. Every cell's ``command`` is the shell line that reproduces it.
-Parallel cells split the CPU threads between them (``OMP_NUM_THREADS``): on a few cores, two one-thread
-runs finish sooner than two two-thread runs one after the other.
+Parallel cells split the CPU threads between them (``OMP_NUM_THREADS``); on 2 cores two one-thread runs
+take as long as the same two runs one after the other with two threads each (measured), so ``jobs`` is
+for machines with cores to spare, or for keeping two grids moving at once.
 """
 from __future__ import annotations
 
@@ -70,15 +71,17 @@ def is_done(cell: Cell, root) -> bool:
         return False
 
 
-def run_grid(cells: list[Cell], root, jobs: int = 1, log=print) -> dict[str, str]:
-    """Run every cell not yet done, ``jobs`` at a time; returns ``{name: "done" | "failed: ..."}``.
+def run_grid(cells: list[Cell], root, jobs: int = 1, threads: int | None = None, log=print) -> dict[str, str]:
+    """Run every cell not yet done, ``jobs`` at a time with ``threads`` CPU threads each (default: the
+    cores divided among the jobs); returns ``{name: "done" | "failed: ..."}``. Two grids at once should
+    share the cores (``threads=1`` each on 2 cores): more threads than cores made each run 2-3x slower.
 
     A run directory left unfinished (a stopped command) is continued with ``--resume``; each cell's
     output goes to ``root/<name>.log``. Cells sharing a run wait for the one that trains it.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     by_run: dict[str, list[Cell]] = {}
     for cell in cells:
         by_run.setdefault(cell.run_name, []).append(cell)
