@@ -30,24 +30,32 @@ from pyro.poutine.runtime import _PYRO_STACK
 
 
 class FlipoutMessenger(Messenger):
-    """Records ``id(value) -> (loc, scale)`` of every latent Normal site sampled inside the block.
+    """Records ``value -> (loc, scale)`` of every latent Normal site sampled inside the block.
 
     The first record of a value wins: the guide's ``q`` (sampled first), not the model's prior that
-    the replayed model site carries with the same value.
+    the replayed model site carries with the same value. Entries are keyed by ``id`` and keep the value
+    itself: alive, its id cannot be reused by a later sample of the block (several posterior samples
+    in one prediction), and a lookup checks it is the same tensor.
     """
 
     def __init__(self):
         super().__init__()
-        self.sources: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sources: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _pyro_post_sample(self, msg):
-        if msg["is_observed"] or id(msg["value"]) in self.sources:
+        value = msg["value"]
+        if msg["is_observed"] or self.lookup(value) is not None:
             return
         fn = msg["fn"]
         while isinstance(fn, dist.Independent):
             fn = fn.base_dist
         if isinstance(fn, dist.Normal):
-            self.sources[id(msg["value"])] = (fn.loc, fn.scale)
+            self.sources[id(value)] = (value, fn.loc, fn.scale)
+
+    def lookup(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(loc, scale)`` recorded for this very tensor, or None."""
+        entry = self.sources.get(id(value))
+        return entry[1:] if entry is not None and entry[0] is value else None
 
 
 def flipout() -> FlipoutMessenger:
@@ -60,7 +68,7 @@ def flipout_parameters(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     block, or ``None`` outside one (or for a value it did not record)."""
     for handler in reversed(_PYRO_STACK):
         if isinstance(handler, FlipoutMessenger):
-            return handler.sources.get(id(value))
+            return handler.lookup(value)
     return None
 
 

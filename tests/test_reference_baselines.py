@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from melora_pyro import MeLoRAConfig
 from melora_pyro.errors import ConfigError
 from melora_pyro.baselines import blob_kl_cycle, blob_pi
-from melora_pyro.flipout import flipout, flipout_perturbation
+from melora_pyro.flipout import flipout, flipout_parameters, flipout_perturbation
 from melora_pyro.methods import build_method
 from melora_pyro.models import tiny_llama
 from melora_pyro.train import BatchOrder, TrainConfig, lr_factor, total_steps
@@ -79,6 +79,25 @@ def test_flipout_signs_are_independent_per_example_and_token_with_the_right_mome
     assert off_diagonal.abs().max() < 0.05  # one shared E, yet uncorrelated across examples and tokens
     shared = torch.stack([x @ (sigma * torch.randn(r, n)).T for _ in range(200)]).reshape(200, b * T, r)
     assert torch.corrcoef(shared[:, :, 0].T).min() > 0.999  # without the signs: one weight for all
+
+
+def test_flipout_finds_each_samples_own_parameters_across_many_samples_in_one_block():
+    """Several posterior samples in one ``flipout`` block (a prediction): each value maps to the loc and
+    scale it was drawn from, also after earlier samples were freed (their ids are reused by CPython;
+    keyed by id alone, a stale entry handed group 2's loc to group 0 and left a layer unbound)."""
+    import pyro
+    import pyro.distributions as dist
+
+    shapes = [(2, 3, 5), (2, 3, 5), (1, 3, 5)]
+    with flipout():
+        for trial in range(40):
+            for g, shape in enumerate(shapes):
+                loc, scale = torch.randn(shape), torch.rand(shape) + 0.1
+                value = pyro.sample(f"A.{g}.{trial}", dist.Normal(loc, scale).to_event(2))
+                found = flipout_parameters(value)
+                assert found is not None and found[0] is loc and found[1] is scale
+                del value, loc, scale
+                assert flipout_parameters(torch.randn(shape)) is None  # a tensor it did not record
 
 
 def test_blob_predicts_under_flipout_per_example():
