@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/comparison_cpu")
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
-    grid = cells(args.datasets, args.methods, args.seeds, str(Path(args.data_dir).absolute()))
+    grid = cells(args.datasets, args.methods, args.seeds, args.data_dir)  # the CLI makes it absolute
     status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs, threads=args.threads)
     print(report(grid, Path(args.root), Path(args.out), args.datasets))
     return 1 if any(v != "done" for v in status.values()) else 0
