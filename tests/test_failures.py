@@ -326,7 +326,7 @@ def test_checkpoint_shapes_or_config_that_do_not_fit(tmp_path):
                                               r"\['q_proj', 'v_proj'\] \(checkpoint\) vs \['q_proj', 'o_proj'\]"):
         load_adapter_tensors(tmp_path, other, other_guide)
     other, other_guide = tiny_melora(prior_std=0.1)
-    with pytest.raises(CheckpointError, match=r"prior_std=0.2 \(checkpoint\) vs 0.1 \(model\)"):
+    with pytest.raises(CheckpointError, match=r"prior_std=1.0 \(checkpoint\) vs 0.1 \(model\)"):
         load_adapter_tensors(tmp_path, other, other_guide)
     relabelled = MeLoRAModel(tiny_llama(), MeLoRAConfig(rank=2), [20, 21, 22, 23])
     with pytest.raises(CheckpointError, match=r"readouts differ: checkpoint has .*10, 11, 12, 13"):

@@ -150,7 +150,7 @@ def test_elbo_loss_is_likelihood_plus_closed_form_kl():
     guide_trace = poutine.trace(guide).get_trace(ids, None, y, 60)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(ids, None, y, 60)
     nll = -torch.distributions.Categorical(logits=model_trace.nodes["y"]["fn"].logits).log_prob(y).sum() * 10
-    kl = sum(full_weight_kl(guide.loc[s], guide.scale[s], a, b, 0.2, model.config.scaling)
+    kl = sum(full_weight_kl(guide.loc[s], guide.scale[s], a, b, model.config.prior_std, model.config.scaling)
              for a, b, s in zip(*model.fix_gauge(list(model.lora_A), list(model.lora_B)), _group_slices(model)))
     assert torch.allclose(sum(elbo.particle_terms(model_trace, guide_trace)), nll + kl, rtol=1e-5)
 

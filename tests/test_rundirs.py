@@ -130,7 +130,8 @@ def test_evaluate_writes_its_own_file_and_predict_writes_nothing(finished, tmp_p
     assert main(["evaluate", "--run-dir", str(run), "--eval-limit", "2"]) == 0
     after = snapshot(run)
     new = sorted(set(after) - set(before))
-    assert len(new) == 1 and new[0].startswith("eval-test-") and new[0].endswith(".json"), new
+    assert len(new) == 2 and new[0].startswith("eval-test-") and new[0].endswith(".json"), new
+    assert new[1] == new[0].removesuffix(".json") + ".safetensors"  # its predictions
     assert json.loads(after[new[0]])["n"] == 2
     assert {k: v for k, v in after.items() if k in before and k != "melora-run.json"} == \
         {k: v for k, v in before.items() if k != "melora-run.json"}  # settings, metrics, summary, plot as train left them
