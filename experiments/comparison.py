@@ -2,6 +2,7 @@
 
     python -m experiments.comparison --data-dir ../shared/data [--jobs 2] [--datasets arc-e arc-c]
         [--seeds 0 1 2] [--methods zero-shot map map-ts blob melora] [--root runs/comparison]
+    python -m experiments.comparison --data-dir ../shared/data --profile gpu --jobs 4   # on a GPU machine
 
 Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), 1 epoch of the full train split;
 ``map-ts`` / ``melora-ts`` score the ``map`` / ``melora`` run of the same seed again with one temperature
@@ -21,26 +22,27 @@ from melora_pyro.grid import Cell, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.metrics import METRICS, bootstrap_ci
 from melora_pyro.plots import reliability_diagram
 
-from .grids import mean_std, temperature_cell, train_flags
+from .grids import PROFILES, mean_std, temperature_cell, train_flags
 
 METHODS = ("zero-shot", "map", "map-ts", "blob", "melora", "melora-ts")
 PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"), ("blob", "map"), ("map", "zero-shot"))
 SCALED = {"map-ts": "map", "melora-ts": "melora"}  # a temperature on top of which trained run
 
 
-def cells(datasets, methods, seeds, data_dir: str) -> list[Cell]:
+def cells(datasets, methods, seeds, data_dir: str, profile: str = "cpu") -> list[Cell]:
     """The grid in the order it runs: per seed, per dataset, per method."""
     grid = []
     for dataset in datasets:
         if "zero-shot" in methods:
-            grid.append(Cell(f"{dataset}/zero-shot", train_flags("zero-shot", dataset, data_dir)))
+            grid.append(Cell(f"{dataset}/zero-shot", train_flags("zero-shot", dataset, data_dir, profile=profile)))
     for seed in seeds:
         for dataset in datasets:
             for method in methods:
                 if method == "zero-shot":
                     continue
                 trained = SCALED.get(method, method)
-                cell = Cell(f"{dataset}/{trained}-s{seed}", train_flags(trained, dataset, data_dir, seed=seed))
+                cell = Cell(f"{dataset}/{trained}-s{seed}",
+                            train_flags(trained, dataset, data_dir, seed=seed, profile=profile))
                 grid.append(temperature_cell(cell, f"{dataset}/{method}-s{seed}") if method in SCALED else cell)
     return grid
 
@@ -50,10 +52,11 @@ def method_of(cell: Cell) -> str:
     return name.rsplit("-s", 1)[0] if name != "zero-shot" else name
 
 
-def report(grid: list[Cell], root: Path, out: Path, datasets) -> str:
-    lines = ["# Powered comparison, CPU profile (SmolLM2-135M, top-2 layers + lm_head, cloze)", "",
-             "Command: `python -m experiments.comparison --data-dir ../shared/data --jobs 2`", "",
-             "1 epoch of the full train split, lr 3e-4, batch 8; 4 posterior samples (blob, melora); "
+def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cpu") -> str:
+    where = "top-2 layers + lm_head over the prefix cache" if profile == "cpu" else "every layer + lm_head"
+    lines = [f"# Powered comparison, {profile} profile (SmolLM2-135M, {where}, cloze)", "",
+             f"Command: `python -m experiments.comparison --data-dir ../shared/data --profile {profile}`", "",
+             f"1 epoch of the full train split, lr 3e-4, batch 8; {PROFILES[profile][1]} posterior samples (blob, melora); "
              "temperatures fitted on the dev split, never on test. Mean ± std over the seeds listed; "
              "zero-shot is deterministic (one run).", ""]
     doc, total_cpu = {}, 0.0
@@ -116,15 +119,19 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["arc-e", "arc-c"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--root", default="runs/comparison", help="where the run directories go")
+    parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"),
+                        help="cpu: top-2 layers + lm_head over the prefix cache; gpu: every layer, on CUDA")
+    parser.add_argument("--root", help="where the run directories go (default runs/comparison[-gpu])")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (the CPU threads are split)")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the cores / --jobs)")
-    parser.add_argument("--out", default="results/comparison_cpu")
+    parser.add_argument("--out", help="default results/comparison_<profile>")
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
-    grid = cells(args.datasets, args.methods, args.seeds, args.data_dir)  # the CLI makes it absolute
-    status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs, threads=args.threads)
-    print(report(grid, Path(args.root), Path(args.out), args.datasets))
+    root = args.root or ("runs/comparison" if args.profile == "cpu" else f"runs/comparison-{args.profile}")
+    out = args.out or f"results/comparison_{args.profile}"
+    grid = cells(args.datasets, args.methods, args.seeds, args.data_dir, args.profile)  # the CLI makes it absolute
+    status = {} if args.report_only else run_grid(grid, root, jobs=args.jobs, threads=args.threads)
+    print(report(grid, Path(root), Path(out), args.datasets, args.profile))
     return 1 if any(v != "done" for v in status.values()) else 0
 
 

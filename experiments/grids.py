@@ -1,9 +1,11 @@
-"""The CPU profile the studies share, as ``melora-pyro train`` flags, and their table helpers.
+"""The profiles the studies share, as ``melora-pyro train`` flags, and their table helpers.
 
-CPU profile: SmolLM2-135M, cloze scoring (``sum``), adapters r = 8, alpha = 16 on q_proj and v_proj
-of the top 2 of 30 decoder layers and on lm_head, the frozen layers below from the prefix cache;
-AdamW lr 3e-4, batch 8, constant lr (MAP's lr and epochs were chosen on ARC-Easy dev:
+``cpu``: SmolLM2-135M, cloze scoring (``sum``), adapters r = 8, alpha = 16 on q_proj and v_proj of the
+top 2 of 30 decoder layers and on lm_head, the frozen layers below from the prefix cache; AdamW lr
+3e-4, batch 8, constant lr (MAP's lr and epochs were chosen on ARC-Easy dev:
 results/arc-e_map_cloze_cpu.md); 4 posterior samples at evaluation.
+``gpu``: the same grid with q_proj / v_proj of *every* decoder layer and lm_head adapted (no prefix
+cache) on CUDA, 10 posterior samples (BLoB's). Not run here (no GPU was lent).
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import statistics
 from melora_pyro import data
 from melora_pyro.grid import Cell
 
-CPU_PROFILE = ("--adapt-top-layers", "2", "--target-modules", "q_proj", "v_proj", "lm_head", "--rank", "8",
-               "--alpha", "16", "--lr", "3e-4", "--batch-size", "8", "--scoring", "cloze", "--log-every", "50")
+_COMMON = ("--target-modules", "q_proj", "v_proj", "lm_head", "--rank", "8", "--alpha", "16", "--lr", "3e-4",
+           "--batch-size", "8", "--scoring", "cloze", "--log-every", "50")
+PROFILES = {"cpu": (("--adapt-top-layers", "2", *_COMMON), 4),
+            "gpu": (("--device", "cuda", "--eval-batch-size", "64", *_COMMON), 10)}  # (flags, eval samples)
 BATCH_SIZE = 8
-EVAL_SAMPLES = 4
 
 
 def steps_for(dataset: str, data_dir: str, epochs: float) -> int:
@@ -25,10 +28,11 @@ def steps_for(dataset: str, data_dir: str, epochs: float) -> int:
 
 
 def train_flags(method: str, dataset: str, data_dir: str, epochs: float = 1, seed: int = 0,
-                eval_split: str = "test", extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The ``melora-pyro train`` flags of one run of the CPU profile."""
-    samples = "0" if method in ("zero-shot", "map", "mle") else str(EVAL_SAMPLES)
-    return ("--method", method, "--dataset", dataset, "--data-dir", data_dir, *CPU_PROFILE,
+                eval_split: str = "test", extra: tuple[str, ...] = (), profile: str = "cpu") -> tuple[str, ...]:
+    """The ``melora-pyro train`` flags of one run of ``profile`` (``PROFILES``)."""
+    flags, eval_samples = PROFILES[profile]
+    samples = "0" if method in ("zero-shot", "map", "mle") else str(eval_samples)
+    return ("--method", method, "--dataset", dataset, "--data-dir", data_dir, *flags,
             "--steps", str(steps_for(dataset, data_dir, epochs) if method != "zero-shot" else 1),
             "--seed", str(seed), "--eval-split", eval_split, "--eval-samples", samples, *extra)
 
