@@ -2,14 +2,19 @@
 
     python -m experiments.comparison --data-dir ../shared/data [--jobs 2] [--datasets arc-e arc-c]
         [--seeds 0 1 2] [--methods zero-shot map map-ts blob melora] [--root runs/comparison]
+    python -m experiments.comparison --data-dir ../shared/data --seeds 0 --methods mle mcdropout ensemble
     python -m experiments.comparison --data-dir ../shared/data --profile gpu --jobs 4   # on a GPU machine
 
 Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), 1 epoch of the full train split;
 ``map-ts`` / ``melora-ts`` score the ``map`` / ``melora`` run of the same seed again with one temperature
-fitted on the dev split (``melora-pyro evaluate --temperature-scale``), so they cost no training.
-Rerunning skips finished cells and resumes stopped ones. Writes ``results/comparison_cpu.{md,json}``:
+fitted on the dev split (``melora-pyro evaluate --temperature-scale``), so they cost no training; on a
+dataset without a dev split ``map-ts`` is its own run holding out 10% of train, and ``melora-ts`` is
+not run. Each finished cell's metrics, predictions and cost are copied to ``results/comparison_<profile>_cells/``
+(``grid.archive_cells``): the tables are rebuilt from there, and rerunning skips the cells found there or
+in the run directories, and resumes stopped ones. Writes ``results/comparison_cpu.{md,json}``:
 mean ± std over seeds per method, and 95% paired-bootstrap CIs (1,000 resamples of the test questions,
-each resample applied to every seed) of the seed-mean differences Me-LoRA - MAP and Me-LoRA - MAP+TS.
+each resample applied to every seed) of the seed-mean differences Me-LoRA - MAP and Me-LoRA - MAP+TS;
+the Me-LoRA variants (``VARIANTS``) in an ablation table of their own, against Me-LoRA.
 """
 from __future__ import annotations
 
@@ -17,16 +22,22 @@ import argparse
 import json
 from pathlib import Path
 
+from melora_pyro import data
 from melora_pyro._atomic import atomic_write_text
-from melora_pyro.grid import Cell, cell_cost, is_done, read_cell, run_grid
+from melora_pyro.grid import Cell, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.metrics import METRICS, bootstrap_ci
 from melora_pyro.plots import reliability_diagram
 
 from .grids import PROFILES, mean_std, temperature_cell, train_flags
 
-METHODS = ("zero-shot", "map", "map-ts", "blob", "melora", "melora-ts")
-PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"), ("blob", "map"), ("map", "zero-shot"))
+METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "melora", "melora-ts")
+VARIANTS = ("melora-elementwise", "melora-diag", "blob-adamw")  # the ablation table, against melora
+PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"), ("blob", "map"), ("map", "zero-shot"),
+         ("mle", "map"), ("mcdropout", "map"), ("ensemble", "map"), ("laplace", "map"))
+ABLATION_PAIRS = (("melora-elementwise", "melora"), ("melora-diag", "melora"), ("blob-adamw", "blob"))
 SCALED = {"map-ts": "map", "melora-ts": "melora"}  # a temperature on top of which trained run
+DATASETS = ("arc-e", "arc-c", "obqa", "wg-s", "boolq")
+PRIORITY = ("zero-shot", "map", "map-ts", "blob", "melora", "melora-ts")  # the issue's first grid, 3 seeds
 
 
 def cells(datasets, methods, seeds, data_dir: str, profile: str = "cpu") -> list[Cell]:
@@ -40,11 +51,19 @@ def cells(datasets, methods, seeds, data_dir: str, profile: str = "cpu") -> list
             for method in methods:
                 if method == "zero-shot":
                     continue
-                trained = SCALED.get(method, method)
+                has_dev = "validation" in data.DATASETS[dataset].splits
+                if method in SCALED and not has_dev and method != "map-ts":
+                    continue  # a temperature on a hold-out of train needs its own training: map-ts only
+                trained = SCALED.get(method, method) if has_dev else method
                 cell = Cell(f"{dataset}/{trained}-s{seed}",
                             train_flags(trained, dataset, data_dir, seed=seed, profile=profile))
-                grid.append(temperature_cell(cell, f"{dataset}/{method}-s{seed}") if method in SCALED else cell)
+                grid.append(temperature_cell(cell, f"{dataset}/{method}-s{seed}") if trained != method else cell)
     return grid
+
+
+def all_cells(datasets, data_dir: str, profile: str = "cpu", seeds=(0, 1, 2)) -> list[Cell]:
+    """Every cell the tables can show (each method and variant at each seed): the report shows those done."""
+    return cells(datasets, METHODS + VARIANTS, seeds, data_dir, profile)
 
 
 def method_of(cell: Cell) -> str:
@@ -52,60 +71,41 @@ def method_of(cell: Cell) -> str:
     return name.rsplit("-s", 1)[0] if name != "zero-shot" else name
 
 
-def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cpu") -> str:
+def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cpu", archive=None) -> str:
     where = "top-2 layers + lm_head over the prefix cache" if profile == "cpu" else "every layer + lm_head"
     lines = [f"# Powered comparison, {profile} profile (SmolLM2-135M, {where}, cloze)", "",
              f"Command: `python -m experiments.comparison --data-dir ../shared/data --profile {profile}`", "",
              f"1 epoch of the full train split, lr 3e-4, batch 8; {PROFILES[profile][1]} posterior samples (blob, melora); "
-             "temperatures fitted on the dev split, never on test. Mean ± std over the seeds listed; "
-             "zero-shot is deterministic (one run).", ""]
+             "temperatures fitted on the dev split, never on test (a 10% hold-out of train where a dataset "
+             "has no dev split). Mean ± std over the seeds listed; zero-shot is deterministic (one run).", ""]
     doc, total_cpu = {}, 0.0
     for dataset in datasets:
-        done = [c for c in grid if c.name.startswith(f"{dataset}/") and is_done(c, root)]
+        done = [c for c in grid if c.name.startswith(f"{dataset}/") and is_done(c, root, archive)]
         if not done:
             continue
         by_method: dict[str, list] = {}
         for cell in done:
-            probs, labels, metrics = read_cell(cell, root)
+            probs, labels, metrics = read_cell(cell, root, archive)
             by_method.setdefault(method_of(cell), []).append((cell, probs, labels, metrics))
-            total_cpu += (cell_cost(cell, root) or {}).get("cpu_s", 0.0)
+            total_cpu += (cell_cost(cell, root, archive) or {}).get("cpu_s", 0.0)
         labels = next(iter(by_method.values()))[0][2]
-        lines += [f"## {dataset} test (n = {len(labels)})", "",
-                  "| method | seeds | ACC ↑ | ECE ↓ | NLL ↓ | Brier ↓ |", "|---|---|---|---|---|---|"]
         doc[dataset] = {}
-        for method in METHODS:
-            runs = by_method.get(method)
-            if not runs:
-                continue
-            values = {k: [r[3][k] for r in runs] for k in METRICS}
-            doc[dataset][method] = {"runs": [r[0].name for r in runs], **values,
-                                    "temperature": [r[3].get("temperature") for r in runs]}
-            lines.append(f"| {method} | {len(runs)} | " + " | ".join(mean_std(values[k]) for k in METRICS) + " |")
-        lines += ["", "Seed-mean differences on the same questions, 95% paired-bootstrap CIs (seeds present in "
-                  "both methods); a CI that excludes 0 resolves the difference.", "",
-                  "| difference | seeds | " + " | ".join(f"Δ {k.upper()}" for k in METRICS) + " |",
-                  "|---|---|" + "---|" * len(METRICS)]
-        for a, b in PAIRS:
-            if a not in by_method or b not in by_method:
-                continue
-            seeds_a = {r[0].name.rsplit("-s", 1)[-1]: r[1] for r in by_method[a]}
-            seeds_b = {r[0].name.rsplit("-s", 1)[-1]: r[1] for r in by_method[b]}
-            common = sorted(set(seeds_a) & set(seeds_b)) if b != "zero-shot" else sorted(seeds_a)
-            pa = [seeds_a[s] for s in common]
-            pb = [seeds_b[s] for s in common] if b != "zero-shot" else [by_method[b][0][1]] * len(common)
-            cells_ = []
-            for key, metric in METRICS.items():
-                diff = sum(metric(x, labels) - metric(y, labels) for x, y in zip(pa, pb)) / len(pa)
-                lo, hi = bootstrap_ci(metric, pa, labels, pb)
-                cells_.append(f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-                doc[dataset].setdefault("differences", {})[f"{a} - {b} {key}"] = [diff, lo, hi]
-            lines.append(f"| {a} - {b} | {len(common)} | " + " | ".join(cells_) + " |")
-        first = {m: (runs[0][1], labels) for m, runs in by_method.items()}
+        lines += [f"## {dataset} test (n = {len(labels)})", ""]
+        if "validation" not in data.DATASETS[dataset].splits:
+            lines += [f"{dataset} has no dev split: map-ts fits its temperature on a seeded 10% hold-out of train "
+                      "(and trains on the other 90%).", ""]
+        lines += _method_table(by_method, METHODS, doc[dataset])
+        lines += _difference_table(by_method, PAIRS, labels, doc[dataset])
+        if any(m in by_method for m in VARIANTS):
+            lines += ["### Ablation: Me-LoRA and BLoB variants", ""]
+            lines += _method_table(by_method, ("melora", *VARIANTS[:2], "blob", *VARIANTS[2:]), doc[dataset])
+            lines += _difference_table(by_method, ABLATION_PAIRS, labels, doc[dataset])
+        first = {m: (runs[0][1], labels) for m, runs in by_method.items() if m not in VARIANTS}
         reliability_diagram(first, out.parent / f"{out.name}_{dataset}.png", title=f"{dataset} test (first seed)")
         lines += ["", f"Reliability diagram (first seed of each method): `{out.name}_{dataset}.png`", ""]
     lines += [f"Total CPU time of the cells run (user + system): {total_cpu / 3600:.2f} h.", "",
               "Each cell's command:", ""]
-    lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root)]
+    lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root, archive)]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".md"), text)
@@ -113,11 +113,50 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
     return text
 
 
+def _method_table(by_method: dict, methods, doc: dict) -> list[str]:
+    """Mean ± std over seeds of each of ``methods`` present in ``by_method``."""
+    lines = ["| method | seeds | ACC ↑ | ECE ↓ | NLL ↓ | Brier ↓ |", "|---|---|---|---|---|---|"]
+    for method in methods:
+        runs = by_method.get(method)
+        if not runs:
+            continue
+        values = {k: [r[3][k] for r in runs] for k in METRICS}
+        doc[method] = {"runs": [r[0].name for r in runs], **values, "temperature": [r[3].get("temperature") for r in runs]}
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(mean_std(values[k]) for k in METRICS) + " |")
+    return lines + [""]
+
+
+def _difference_table(by_method: dict, pairs, labels, doc: dict) -> list[str]:
+    """Seed-mean ``a - b`` with 95% paired-bootstrap CIs over the seeds both have, for each pair present."""
+    lines = ["Seed-mean differences on the same questions, 95% paired-bootstrap CIs (seeds present in "
+             "both methods); a CI that excludes 0 resolves the difference.", "",
+             "| difference | seeds | " + " | ".join(f"Δ {k.upper()}" for k in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for a, b in pairs:
+        if a not in by_method or b not in by_method:
+            continue
+        seeds_a = {r[0].name.rsplit("-s", 1)[-1]: r[1] for r in by_method[a]}
+        seeds_b = {r[0].name.rsplit("-s", 1)[-1]: r[1] for r in by_method[b]}
+        common = sorted(set(seeds_a) & set(seeds_b)) if b != "zero-shot" else sorted(seeds_a)
+        if not common:
+            continue
+        pa = [seeds_a[s] for s in common]
+        pb = [seeds_b[s] for s in common] if b != "zero-shot" else [by_method[b][0][1]] * len(common)
+        cells = []
+        for key, metric in METRICS.items():
+            diff = sum(metric(x, labels) - metric(y, labels) for x, y in zip(pa, pb)) / len(pa)
+            lo, hi = bootstrap_ci(metric, pa, labels, pb)
+            cells.append(f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+            doc.setdefault("differences", {})[f"{a} - {b} {key}"] = [diff, lo, hi]
+        lines.append(f"| {a} - {b} | {len(common)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--datasets", nargs="+", default=["arc-e", "arc-c"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--datasets", nargs="+", default=["arc-e", "arc-c"], choices=DATASETS)
+    parser.add_argument("--methods", nargs="+", default=list(PRIORITY), choices=METHODS + VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--profile", default="cpu", choices=("cpu", "gpu"),
                         help="cpu: top-2 layers + lm_head over the prefix cache; gpu: every layer, on CUDA")
@@ -125,13 +164,17 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (the CPU threads are split)")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the cores / --jobs)")
     parser.add_argument("--out", help="default results/comparison_<profile>")
+    parser.add_argument("--archive", help="where finished cells are kept (default <out>_cells)")
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
     root = args.root or ("runs/comparison" if args.profile == "cpu" else f"runs/comparison-{args.profile}")
     out = args.out or f"results/comparison_{args.profile}"
+    archive = args.archive or f"{out}_cells"
     grid = cells(args.datasets, args.methods, args.seeds, args.data_dir, args.profile)  # the CLI makes it absolute
-    status = {} if args.report_only else run_grid(grid, root, jobs=args.jobs, threads=args.threads)
-    print(report(grid, Path(root), Path(out), args.datasets, args.profile))
+    status = {} if args.report_only else run_grid(grid, root, jobs=args.jobs, threads=args.threads, archive=archive)
+    archive_cells(grid, root, archive)
+    print(report(all_cells(DATASETS, args.data_dir, args.profile), Path(root), Path(out), DATASETS,
+                 args.profile, archive))  # every dataset with finished cells, whichever this call ran
     return 1 if any(v != "done" for v in status.values()) else 0
 
 

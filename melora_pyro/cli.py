@@ -282,14 +282,15 @@ def _trained(args, check=None, **overrides):
 
 
 def _evaluate(args) -> int:
-    from .pipeline import check_temperature_scaling, score, temperature_scaled, write_evaluation
+    from .pipeline import check_temperature_scaling, score, stored_predictions, temperature_scaled, write_evaluation
 
     rundir.check_unlocked(args.run_dir)
     settings, method, task = _trained(args, check=check_temperature_scaling if args.temperature_scale else None,
                                       **{k: _absolute(k, v) for k, v in vars(args).items() if k == "data_dir"})
-    if args.temperature_scale:
-        method = temperature_scaled(settings, method, task)
-    metrics, predictions = score(settings, method, task)
+    stored = None
+    if args.temperature_scale:  # the run's own test predictions, rescaled: only the validation split is scored
+        method, stored = temperature_scaled(settings, method, task), stored_predictions(settings, args.run_dir, task)
+    metrics, predictions = score(settings, method, task, base_predictions=stored)
     with rundir.lock_run_dir(args.run_dir):
         path = write_evaluation(metrics, args.run_dir, predictions)
     _print_metrics(metrics)

@@ -6,6 +6,11 @@ directory.
              Cell("map-ts-s0", ("--method", "map", ...), run="map-s0", evaluate=("--temperature-scale",))]
     run_grid(cells, "runs/comparison", jobs=2)        # skips finished cells, resumes stopped ones
     probs, labels, metrics = read_cell(cells[1], "runs/comparison")
+    archive_cells(cells, "runs/comparison", "results/comparison")   # what the tables are rebuilt from
+
+The run directories are scratch (checkpoints, caches); ``archive_cells`` keeps each done cell's result
+(metrics, predictions, cost) in a small directory that is committed, and every reader and ``run_grid``
+also look there, so a table survives its run directories and a later session only runs missing cells.
 
 A cell that shares ``run`` with another reuses its training (the same flags must give the same run: the
 first cell trains it); its ``evaluate`` flags score it again (e.g. with a fitted temperature) into an
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -62,16 +68,17 @@ class GridError(MeLoRAError):
     """A cell failed, or its results are missing."""
 
 
-def is_done(cell: Cell, root) -> bool:
-    """Whether ``cell``'s results are on disk."""
+def is_done(cell: Cell, root, archive=None) -> bool:
+    """Whether ``cell``'s results are on disk (in its run directory under ``root``, or in ``archive``)."""
     try:
         _result_file(cell, root)
         return True
     except GridError:
-        return False
+        return archive is not None and _archived(cell, archive, ".json").is_file()
 
 
-def run_grid(cells: list[Cell], root, jobs: int = 1, threads: int | None = None, log=print) -> dict[str, str]:
+def run_grid(cells: list[Cell], root, jobs: int = 1, threads: int | None = None, log=print,
+             archive=None) -> dict[str, str]:
     """Run every cell not yet done, ``jobs`` at a time with ``threads`` CPU threads each (default: the
     cores divided among the jobs); returns ``{name: "done" | "failed: ..."}``. Two grids at once should
     share the cores (``threads=1`` each on 2 cores): more threads than cores made each run 2-3x slower.
@@ -89,7 +96,7 @@ def run_grid(cells: list[Cell], root, jobs: int = 1, threads: int | None = None,
     def run_group(group: list[Cell]) -> dict[str, str]:
         status = {}
         for cell in group:
-            if is_done(cell, root):
+            if is_done(cell, root, archive):
                 status[cell.name] = "done"
                 continue
             log(f"[grid] {cell.name}: {cell.command(root)}")
@@ -140,10 +147,36 @@ def _call(line: list[str], log_path: Path, env: dict) -> dict:
     return {"wall_s": time.monotonic() - start, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
-def cell_cost(cell: Cell, root) -> dict | None:
+def cell_cost(cell: Cell, root, archive=None) -> dict | None:
     """``{"wall_s", "cpu_s", "command"}`` of the commands this grid ran for ``cell`` (None if it ran none)."""
     path = Path(root) / f"{cell.name}.cost.json"
+    if not path.is_file() and archive is not None:
+        path = _archived(cell, archive, ".cost.json")
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def archive_cells(cells: list[Cell], root, archive) -> int:
+    """Copy each cell done under ``root`` to ``archive/<name>.{json,safetensors,cost.json}`` (its metrics,
+    predictions and cost, replacing an older copy); returns how many were copied."""
+    copied = 0
+    for cell in cells:
+        try:
+            result = _result_file(cell, root)
+        except GridError:
+            continue
+        cost = Path(root) / f"{cell.name}.cost.json"
+        for source, suffix in ((result, ".json"), (_predictions_file(result), ".safetensors"), (cost, ".cost.json")):
+            if source.is_file():
+                target = _archived(cell, archive, suffix)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target.with_name(target.name + ".tmp"))
+                target.with_name(target.name + ".tmp").replace(target)
+        copied += 1
+    return copied
+
+
+def _archived(cell: Cell, archive, suffix: str) -> Path:
+    return Path(archive) / f"{cell.name}{suffix}"
 
 
 def _trained(run_dir: Path) -> bool:
@@ -166,10 +199,17 @@ def _result_file(cell: Cell, root) -> Path:
     return found[-1]
 
 
-def read_cell(cell: Cell, root):
-    """``(probs (N, K), labels (N,), metrics dict)`` of a done cell."""
-    path = _result_file(cell, root)
-    probs, labels = read_predictions(_predictions_file(path))
+def read_cell(cell: Cell, root, archive=None):
+    """``(probs (N, K), labels (N,), metrics dict)`` of a done cell (from ``archive`` if its run
+    directory has no results)."""
+    try:
+        path = _result_file(cell, root)
+        predictions = _predictions_file(path)
+    except GridError:
+        if archive is None or not _archived(cell, archive, ".json").is_file():
+            raise
+        path, predictions = _archived(cell, archive, ".json"), _archived(cell, archive, ".safetensors")
+    probs, labels = read_predictions(predictions)
     return probs, labels, json.loads(path.read_text())
 
 

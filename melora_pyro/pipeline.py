@@ -321,13 +321,23 @@ def load_run(settings: RunSettings, run_dir):
     return method, task
 
 
-def score(settings: RunSettings, method, task: Task, progress: bool = True) -> tuple[dict, tuple]:
-    """Score ``task.eval``: ``(metrics, (probs (N, K), labels (N,)))``; writes nothing."""
-    probs, labels = evaluate(lambda batch: method.predict(batch, settings.eval_samples), task.eval,
-                             task.collate, settings.eval_batch_size, progress=progress)
+def score(settings: RunSettings, method, task: Task, progress: bool = True,
+          base_predictions: tuple | None = None) -> tuple[dict, tuple]:
+    """Score ``task.eval``: ``(metrics, (probs (N, K), labels (N,)))``; writes nothing.
+
+    ``base_predictions``: for a temperature-scaled ``method``, its base's own ``(probs, labels)`` of
+    ``task.eval`` (``stored_predictions``), rescaled instead of scored again (the same posterior samples).
+    """
+    if base_predictions is None:
+        probs, labels = evaluate(lambda batch: method.predict(batch, settings.eval_samples), task.eval,
+                                 task.collate, settings.eval_batch_size, progress=progress)
+    else:
+        probs, labels = method.rescale(base_predictions[0]), base_predictions[1]
     metrics = {**summarize(probs, labels), "n": len(labels), "method": settings.method,
                "dataset": settings.dataset, "split": settings.eval_split,
                "eval_samples": settings.eval_samples, "adapter_state": method.adapter_state()}
+    if base_predictions is not None:
+        metrics["rescaled"] = "predictions.safetensors"
     if getattr(method, "temperature", None) is not None:
         metrics.update(temperature=method.temperature, validation=method.validation)
     return metrics, (probs, labels)
@@ -386,6 +396,22 @@ def read_predictions(path) -> tuple[torch.Tensor, torch.Tensor]:
 
     tensors = load_file(str(path))
     return tensors["probs"], tensors["labels"]
+
+
+def stored_predictions(settings: RunSettings, run_dir, task: Task) -> tuple | None:
+    """The ``(probs (N, K), labels (N,))`` that ``train`` wrote into ``run_dir`` if they score what
+    ``settings`` asks (the same split, questions and posterior samples), else None."""
+    run_dir = Path(run_dir)
+    metrics_file, predictions_file = run_dir / "metrics.json", run_dir / "predictions.safetensors"
+    if not (metrics_file.is_file() and predictions_file.is_file()):
+        return None
+    metrics = json.loads(metrics_file.read_text())
+    wanted = {"dataset": settings.dataset, "split": settings.eval_split, "eval_samples": settings.eval_samples,
+              "n": len(task.eval)}
+    if any(metrics.get(k) != v for k, v in wanted.items()) or "temperature" in metrics:
+        return None
+    probs, labels = read_predictions(predictions_file)
+    return (probs, labels) if torch.equal(labels, torch.tensor([e.label for e in task.eval])) else None
 
 
 def check_temperature_scaling(settings: RunSettings) -> None:

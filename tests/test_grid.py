@@ -1,12 +1,14 @@
 """Grids of CLI runs (``melora_pyro.grid``) and temperature scaling of a trained run, on stories260K."""
 import json
+import shutil
 
 import pytest
 import torch
 
 from melora_pyro import MeLoRAConfig
 from melora_pyro.cli import main
-from melora_pyro.grid import Cell, is_done, read_cell, run_grid
+from melora_pyro.calibration import apply_temperature
+from melora_pyro.grid import Cell, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.methods import build_method
 from melora_pyro.metrics import bootstrap_ci, ece, nll
 from melora_pyro.models import tiny_llama
@@ -34,6 +36,26 @@ def test_posthoc_temperature_equals_map_ts_trained_with_the_same_settings(tmp_pa
     unscaled, _ = read_predictions(tmp_path / "map" / "predictions.safetensors")
     assert not torch.allclose(unscaled, probs)  # the temperature did change the probabilities
     assert scaled["nll"] == pytest.approx(nll(probs, labels), rel=1e-5)
+
+
+def test_posthoc_temperature_of_a_bayesian_run_rescales_its_own_test_predictions(tmp_path, stories):
+    """A sampled method's test split is not scored again: its stored probabilities, at the fitted T."""
+    run = tmp_path / "melora"
+    flags = [f if f != "0" or FLAGS[i - 1] != "--eval-samples" else "3" for i, f in enumerate(FLAGS)]
+    assert main(["train", *flags, "--method", "melora", "--run-dir", str(run)]) == 0
+    assert main(["evaluate", "--run-dir", str(run), "--temperature-scale"]) == 0
+    [posthoc] = sorted(run.glob("eval-test-*.json"))
+    metrics = json.loads(posthoc.read_text())
+    assert metrics["rescaled"] == "predictions.safetensors" and metrics["eval_samples"] == 3
+    probs, labels = read_predictions(posthoc.with_suffix(".safetensors"))
+    stored, stored_labels = read_predictions(run / "predictions.safetensors")
+    assert torch.equal(labels, stored_labels)
+    assert torch.allclose(probs, apply_temperature(stored, metrics["temperature"]), atol=1e-6)
+    assert metrics["nll"] == pytest.approx(nll(probs, labels), rel=1e-5)
+    # asked for other samples than the run scored with, the test split is scored again
+    assert main(["evaluate", "--run-dir", str(run), "--temperature-scale", "--eval-samples", "2"]) == 0
+    again = json.loads(max(run.glob("eval-test-*.json"), key=lambda q: q.stat().st_mtime_ns).read_text())
+    assert "rescaled" not in again and again["eval_samples"] == 2
 
 
 def test_temperature_scaling_a_run_is_refused_without_a_separate_validation_split(tmp_path, stories, capsys):
@@ -88,3 +110,22 @@ def test_init_scale_is_an_adapter_setting_the_guide_starts_from():
     assert torch.allclose(given.guide.log_scale.exp(), torch.tensor(0.05))
     with pytest.raises(Exception, match="init_scale must be a positive number"):
         MeLoRAConfig(init_scale=0.0)
+
+
+def test_archived_cells_outlive_their_run_directories(tmp_path, stories):
+    """``archive_cells`` keeps metrics, predictions and cost; readers and ``run_grid`` fall back to it."""
+    root, archive = tmp_path / "runs", tmp_path / "results" / "cells"
+    cell = Cell("toy/map", FLAGS + ("--method", "map"))
+    assert run_grid([cell], root, log=lambda *_: None) == {"toy/map": "done"}
+    probs, labels, metrics = read_cell(cell, root)
+    assert archive_cells([cell, Cell("toy/never-run", FLAGS)], root, archive) == 1
+    assert sorted(p.name for p in (archive / "toy").iterdir()) == ["map.cost.json", "map.json", "map.safetensors"]
+    shutil.rmtree(root)
+    assert not is_done(cell, root) and is_done(cell, root, archive)
+    kept_probs, kept_labels, kept_metrics = read_cell(cell, root, archive)
+    assert torch.equal(kept_probs, probs) and torch.equal(kept_labels, labels) and kept_metrics == metrics
+    assert cell_cost(cell, root, archive)["cpu_s"] > 0
+    assert run_grid([cell], root, archive=archive, log=lambda *_: None) == {"toy/map": "done"}
+    assert not root.exists() or not (root / "toy" / "map").exists()  # nothing was trained again
+    with pytest.raises(Exception, match="no results"):
+        read_cell(cell, root)

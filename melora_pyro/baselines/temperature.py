@@ -59,9 +59,13 @@ class TemperatureScaledMethod:
     @torch.no_grad()
     def predict(self, batch: Batch, num_samples: int) -> torch.Tensor:
         """``base.predict(batch, num_samples)`` at the fitted temperature, ``(batch, K)``."""
+        return self.rescale(self.base.predict(batch, num_samples))
+
+    def rescale(self, probs: torch.Tensor) -> torch.Tensor:
+        """``base``'s probabilities ``(N, K)`` (scored already) at the fitted temperature, ``(N, K)``."""
         if self.temperature is None:
             raise RuntimeError(f"{self.name}: call fit before predict (the temperature is not fitted yet)")
-        return apply_temperature(self.base.predict(batch, num_samples), self.temperature)
+        return apply_temperature(probs, self.temperature)
 
     def adapter_state(self) -> int:
         """``base``'s trainable numbers (the temperature adds one number, not counted)."""
