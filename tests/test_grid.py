@@ -129,3 +129,18 @@ def test_archived_cells_outlive_their_run_directories(tmp_path, stories):
     assert not root.exists() or not (root / "toy" / "map").exists()  # nothing was trained again
     with pytest.raises(Exception, match="no results"):
         read_cell(cell, root)
+
+
+def test_comparison_grid_scales_temperatures_on_dev_and_trains_map_ts_where_there_is_none():
+    from experiments import comparison
+
+    from .conftest import SHARED_DIR
+    grid = {c.name: c for c in comparison.cells(["arc-e", "wg-s"], ["zero-shot", "map-ts", "melora", "melora-ts"],
+                                                [1], str(SHARED_DIR / "data"))}
+    assert set(grid) == {"arc-e/zero-shot", "wg-s/zero-shot", "arc-e/map-ts-s1", "arc-e/melora-s1",
+                         "arc-e/melora-ts-s1", "wg-s/map-ts-s1", "wg-s/melora-s1"}  # no dev split: no melora-ts
+    assert grid["arc-e/map-ts-s1"].run_name == "arc-e/map-s1" and grid["arc-e/map-ts-s1"].evaluate
+    assert grid["arc-e/melora-ts-s1"].run_name == "arc-e/melora-s1"
+    wg = grid["wg-s/map-ts-s1"]
+    assert wg.run_name == "wg-s/map-ts-s1" and wg.evaluate is None and "map-ts" in wg.flags
+    assert "--seed" in wg.flags and wg.flags[wg.flags.index("--seed") + 1] == "1"
