@@ -86,7 +86,8 @@ def test_merged_export_equals_the_posterior_mean_model(trained, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any("MeLoRA" in type(m).__name__ for m in merged.modules())
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits[:, -1, LABELS], expected, atol=1e-5, rtol=1e-5)
+        # float32: W0 + s B M A summed first rounds differently from W0 x + s B (M (A x)); CI saw 1.9e-5
+        torch.testing.assert_close(merged(input_ids=ids).logits[:, -1, LABELS], expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(merged.get_input_embeddings().weight, embedding)  # the tied lm_head was untied
 
 
