@@ -172,9 +172,9 @@ def main(argv=None) -> int:
     archive = args.archive or f"{out}_cells"
     grid = cells(args.datasets, args.methods, args.seeds, args.data_dir, args.profile)  # the CLI makes it absolute
     status = {} if args.report_only else run_grid(grid, root, jobs=args.jobs, threads=args.threads, archive=archive)
-    archive_cells(grid, root, archive)
-    print(report(all_cells(DATASETS, args.data_dir, args.profile), Path(root), Path(out), DATASETS,
-                 args.profile, archive))  # every dataset with finished cells, whichever this call ran
+    every = all_cells(DATASETS, args.data_dir, args.profile)
+    archive_cells(every, root, archive)  # every finished cell, whichever this call asked for
+    print(report(every, Path(root), Path(out), DATASETS, args.profile, archive))
     return 1 if any(v != "done" for v in status.values()) else 0
 
 

@@ -84,7 +84,8 @@ def run_grid(cells: list[Cell], root, jobs: int = 1, threads: int | None = None,
     share the cores (``threads=1`` each on 2 cores): more threads than cores made each run 2-3x slower.
 
     A run directory left unfinished (a stopped command) is continued with ``--resume``; each cell's
-    output goes to ``root/<name>.log``. Cells sharing a run wait for the one that trains it.
+    output goes to ``root/<name>.log``. Cells sharing a run wait for the one that trains it. With
+    ``archive``, each cell is archived as soon as it finishes, so a stopped grid keeps what it finished.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -102,6 +103,8 @@ def run_grid(cells: list[Cell], root, jobs: int = 1, threads: int | None = None,
             log(f"[grid] {cell.name}: {cell.command(root)}")
             try:
                 _run_cell(cell, root, threads)
+                if archive is not None:
+                    archive_cells([cell], root, archive)
                 status[cell.name] = "done"
                 log(f"[grid] {cell.name}: done")
             except GridError as e:

@@ -129,6 +129,9 @@ def test_archived_cells_outlive_their_run_directories(tmp_path, stories):
     assert not root.exists() or not (root / "toy" / "map").exists()  # nothing was trained again
     with pytest.raises(Exception, match="no results"):
         read_cell(cell, root)
+    shutil.rmtree(archive)
+    assert run_grid([cell], root, archive=archive, log=lambda *_: None) == {"toy/map": "done"}
+    assert is_done(cell, tmp_path / "elsewhere", archive)  # archived the moment it finished
 
 
 def test_comparison_grid_scales_temperatures_on_dev_and_trains_map_ts_where_there_is_none():
