@@ -33,7 +33,8 @@ from .grids import PROFILES, mean_std, temperature_cell, train_flags
 METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "melora", "melora-ts")
 VARIANTS = ("melora-elementwise", "melora-diag", "blob-adamw")  # the ablation table, against melora
 PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"), ("blob", "map"), ("map", "zero-shot"),
-         ("mle", "map"), ("mcdropout", "map"), ("ensemble", "map"), ("laplace", "map"))
+         ("mle", "map"), ("mcdropout", "map"), ("ensemble", "map"), ("laplace", "map"), ("laplace", "map-ts"),
+         ("melora", "laplace"))
 ABLATION_PAIRS = (("melora-elementwise", "melora"), ("melora-diag", "melora"), ("blob-adamw", "blob"))
 SCALED = {"map-ts": "map", "melora-ts": "melora"}  # a temperature on top of which trained run
 DATASETS = ("arc-e", "arc-c", "obqa", "wg-s", "boolq")
