@@ -32,9 +32,10 @@ except ImportError:
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 WORLD = 2
-# Parameters move by 2e-2 .. 4e-2 over these runs; reduction-order differences measured here are
-# <= 6e-8 (a few float32 ulps of the values), so 1e-6 is tight yet safe.
-ATOL = 1e-6
+# Parameters move by 2e-2 .. 4e-2 over these runs. Reduction-order differences, amplified by Adam's
+# normalised steps, depend on the CPU's kernels: measured <= 6e-8 on one machine, 1.5e-6 (lora_A.0) on
+# another with the same wheels. 1e-5 stays 1,000x below how far the parameters move (the vacuity check below).
+ATOL = 1e-5
 
 
 def _free_port() -> int:
