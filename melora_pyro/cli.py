@@ -1,8 +1,9 @@
 """The ``melora-pyro`` command: ``train``, ``evaluate``, ``predict``, ``export`` and the ``demo`` main job.
 
-Every field of ``RunSettings``, ``MeLoRAConfig`` and ``TrainConfig`` is a flag of the same name
-(``--prior-std``, ``--batch-size``, ...); ``--config FILE.toml`` supplies them as a file
-(top-level run keys plus ``[adapter]`` and ``[train]`` tables), flags override the file.
+Every field of ``RunSettings``, ``MeLoRAConfig``, ``TrainConfig`` and ``MethodOptions`` is a flag of the
+same name (``--prior-std``, ``--batch-size``, ``--prior-precision``, ...); ``--config FILE.toml`` supplies
+them as a file (top-level run keys plus ``[adapter]``, ``[train]`` and ``[options]`` tables), flags
+override the file.
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ import typing
 from pathlib import Path
 
 from . import rundir
-from .config import MeLoRAConfig
+from .config import MeLoRAConfig, MethodOptions
 from .errors import MeLoRAError
 from .runs import RunError, RunSettings, check_run_dir, load_settings, open_run_dir, read_toml, resume_changes
 from .train import NumericalError, TrainConfig
 
-_SECTIONS = {"adapter": MeLoRAConfig, "train": TrainConfig}
+_SECTIONS = {"adapter": MeLoRAConfig, "train": TrainConfig, "options": MethodOptions}
 # The main job (README): the embedded ARC-Easy slice, cloze scoring, adapters on the top 2 decoder
 # layers + lm_head over the prefix cache, 2 epochs of its 300 training questions; fixed before any
 # test metric of the slice was seen, sized for under ten minutes on 2 CPU cores.
@@ -178,20 +179,41 @@ def _add_settings_flags(parser) -> None:
 def _add_field_flag(parser, cls, f: dataclasses.Field, dest: str | None = None) -> None:
     """``--field-name`` for field ``f`` of dataclass ``cls``; an absent flag leaves the setting alone."""
     hint = typing.get_type_hints(cls)[f.name]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: the flag takes an X
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    kind = typing.get_origin(hint) or hint  # tuple[str, ...] -> tuple
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] \
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]  # X | None: the flag takes an X
+    kind = _word_or_number if kinds == [str, float] else typing.get_origin(kinds[0]) or kinds[0]  # tuple[str, ...] -> tuple
+    if kind is bool and f.default is None:  # unset means the method's default: the flag takes true / false
+        kind = _true_or_false
     kwargs = dict(dest=dest or f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=f"(default: {f.default!r})"
                   if f.default is not dataclasses.MISSING else None)
     if cls is RunSettings and f.name in _choices():
         kwargs["help"] = f"one of {', '.join(_choices()[f.name])} {kwargs['help']}"
+    if cls is MethodOptions:
+        from .methods import methods_taking
+
+        kwargs["help"] = f"for {', '.join(methods_taking(f.name))} (default: the method's)"
     if kind is tuple:
         parser.add_argument(f"--{f.name.replace('_', '-')}", nargs="+", **kwargs)
     elif kind is bool:
         del kwargs["metavar"]
         parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", **kwargs)
     else:
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind in (int, float) else str, **kwargs)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind if kind in (int, float, _word_or_number,
+                                                                            _true_or_false) else str, **kwargs)
+
+
+def _word_or_number(text: str) -> str | float:
+    """A flag value that is a number or a word (``--prior-precision 0.5`` / ``marglik``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _true_or_false(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
 
 
 def _choices() -> dict:

@@ -135,3 +135,74 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+AGGREGATIONS = ("logits", "probs")
+FISHERS = ("ggn", "empirical")
+PREDICTIVES = ("glm", "weights")
+PRECISION_RULES = ("marglik", "validation")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The knobs of single methods (``build_method``'s options of the same names); ``None`` leaves the
+    method's default. A set option the run's method does not take is refused (``RunSettings``).
+
+    Args:
+        ensemble_size: ``ensemble``: the number of members (default 3).
+        aggregate: ``ensemble``: ``"logits"`` (softmax of the mean member logits, the reference's) or
+            ``"probs"`` (mean of member probabilities).
+        eps: ``blob`` / ``blob-adamw``: the std parameter starts uniform in ``[eps / sqrt 2, eps]``
+            (default 0.05).
+        kl_lr: ``blob``: the learning rate of the SGD step on the KL (default 0.01).
+        kl_reweighting: ``blob`` / ``blob-adamw``: the cycle's KL weights ``pi_i`` (default true).
+        dataset_rescaling: ``blob``: the KL cycle length from the dataset size (default true).
+        prior_precision: ``laplace``: ``"marglik"`` (default), ``"validation"`` (NLL on the validation
+            split, as ``map-ts`` takes it) or a fixed positive number.
+        fisher: ``laplace``: ``"ggn"`` (default) or ``"empirical"``.
+        max_fisher_examples: ``laplace``: the curvature on a seeded subset of this many training examples
+            (default: all).
+        val_samples: ``laplace``: weight-space draws per candidate of the validation search (default 4).
+        predictive: ``laplace``: ``"glm"`` (default, linearised) or ``"weights"`` (weight-space Monte Carlo,
+            ``eval_samples`` draws).
+        glm_samples: ``laplace``: logit draws per example of the GLM predictive (default 100,000).
+    """
+
+    ensemble_size: int | None = None
+    aggregate: str | None = None
+    eps: float | None = None
+    kl_lr: float | None = None
+    kl_reweighting: bool | None = None
+    dataset_rescaling: bool | None = None
+    prior_precision: str | float | None = None
+    fisher: str | None = None
+    max_fisher_examples: int | None = None
+    val_samples: int | None = None
+    predictive: str | None = None
+    glm_samples: int | None = None
+
+    def __post_init__(self):
+        checks = {
+            "ensemble_size": (_is_int(self.ensemble_size) and self.ensemble_size >= 1, "a positive integer"),
+            "aggregate": (self.aggregate in AGGREGATIONS, f"one of {AGGREGATIONS}"),
+            "eps": (_is_number(self.eps) and self.eps > 0, "a positive number"),
+            "kl_lr": (_is_number(self.kl_lr) and self.kl_lr >= 0, "a number >= 0"),
+            "kl_reweighting": (isinstance(self.kl_reweighting, bool), "true or false"),
+            "dataset_rescaling": (isinstance(self.dataset_rescaling, bool), "true or false"),
+            "prior_precision": (self.prior_precision in PRECISION_RULES
+                                or _is_number(self.prior_precision) and self.prior_precision > 0,
+                                f"one of {PRECISION_RULES} or a positive number"),
+            "fisher": (self.fisher in FISHERS, f"one of {FISHERS}"),
+            "max_fisher_examples": (_is_int(self.max_fisher_examples) and self.max_fisher_examples >= 1,
+                                    "a positive integer"),
+            "val_samples": (_is_int(self.val_samples) and self.val_samples >= 1, "a positive integer"),
+            "predictive": (self.predictive in PREDICTIVES, f"one of {PREDICTIVES}"),
+            "glm_samples": (_is_int(self.glm_samples) and self.glm_samples >= 1, "a positive integer"),
+        }
+        for name, (ok, expected) in checks.items():
+            if getattr(self, name) is not None and not ok:
+                raise ConfigError(f"MethodOptions.{name} must be {expected}, got {getattr(self, name)!r:.80}")
+
+    def given(self) -> dict:
+        """The options that are set: ``{name: value}``, to pass to ``build_method``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}

@@ -123,11 +123,21 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid names: {list(METHODS)}")
-    builder, allowed = _BUILDERS[name]
+    check_options(name, options)
+    return _BUILDERS[name][0](base_model, config, as_readout(readout), options)
+
+
+def methods_taking(option: str) -> list[str]:
+    """The methods that take ``build_method`` option ``option``."""
+    return [name for name in METHODS if option in _BUILDERS[name][1]]
+
+
+def check_options(name: str, options) -> None:
+    """``ValueError`` naming the options (names) that method ``name`` does not take."""
+    allowed = _BUILDERS[name][1]
     unknown = sorted(set(options) - set(allowed) - {"seed"})
     if unknown:
         raise ValueError(f"method {name!r}: unknown options {unknown}; it takes {sorted(allowed) + ['seed']}")
-    return builder(base_model, config, as_readout(readout), options)
 
 
 def method_settings(name: str, config: MeLoRAConfig, train_config, given: set[str] | None = None):

@@ -188,7 +188,8 @@ def build_run(settings: RunSettings, progress: bool = True):
         return spare.pop() if spare else wrap(load_base(run_settings)[0])
 
     method = build_method(settings.method, base_factory, adapter, task.readout, seed=settings.train.seed,
-                          **method_options(settings.method, settings.adapter, settings.train), **options)
+                          **method_options(settings.method, settings.adapter, settings.train),
+                          **settings.options.given(), **options)
     peft = settings.init_from_peft
     start_from_peft(method, settings, load=bool(peft) and Path(peft).is_dir())  # on resume the checkpoint wins
     return method, task
@@ -248,15 +249,18 @@ def _prefix_cached(settings: RunSettings, base, examples: list, task: Task, prog
 
 def validation_options(settings: RunSettings, task: Task) -> dict:
     """``{"val_examples", "validation"}`` for a method that fits on validation data
-    (``methods.VALIDATION_METHODS``): the dataset's validation split, else a seeded hold-out of
+    (``methods.VALIDATION_METHODS``; ``{"val_examples"}`` for ``laplace`` with
+    ``prior_precision="validation"``): the dataset's validation split, else a seeded hold-out of
     ``task.train``, which is then removed from it (``data.train_and_validation``). ``{}`` otherwise."""
     from .methods import VALIDATION_METHODS
 
-    if settings.method not in VALIDATION_METHODS:
+    laplace_search = settings.method == "laplace" and settings.options.prior_precision == "validation"
+    if settings.method not in VALIDATION_METHODS and not laplace_search:
         return {}
     task.train, val, where = data.train_and_validation(settings.dataset, task.train, settings.data_dir,
                                                        settings.train.seed)
-    return {"val_examples": task.prepare(val, "validation"), "validation": where}
+    val = task.prepare(val, "validation")
+    return {"val_examples": val} if laplace_search else {"val_examples": val, "validation": where}
 
 
 def is_writer() -> bool:
@@ -340,6 +344,8 @@ def score(settings: RunSettings, method, task: Task, progress: bool = True,
         metrics["rescaled"] = "predictions.safetensors"
     if getattr(method, "temperature", None) is not None:
         metrics.update(temperature=method.temperature, validation=method.validation)
+    if getattr(method, "prior_precision", None) is not None:  # laplace: the lambda its rule chose
+        metrics["prior_precision"] = method.prior_precision
     return metrics, (probs, labels)
 
 

@@ -19,10 +19,10 @@ import torch
 
 from . import rundir
 from ._atomic import atomic_write_text
-from .config import MeLoRAConfig
+from .config import MeLoRAConfig, MethodOptions
 from .data import DATASETS
 from .errors import MeLoRAError
-from .methods import METHODS, method_settings
+from .methods import METHODS, check_options, method_settings
 from .readouts import NORMALIZATIONS, SCORINGS
 from .train import TrainConfig
 
@@ -45,7 +45,9 @@ class RunSettings:
     unless asked for (``--trust-remote-code``), and ``load_settings`` never reads it from a run directory.
     ``init_from_peft`` starts A and B from a peft LoRA adapter directory (its rank, alpha, targets and
     dropout replace ``adapter``'s; C's mean starts at the identity, so the run starts as that adapter);
-    ``freeze_ab`` keeps A and B fixed and trains the guide alone (q(C) post hoc).
+    ``freeze_ab`` keeps A and B fixed and trains the guide alone (q(C) post hoc). ``options`` holds the
+    knobs of single methods (``config.MethodOptions``: Laplace's prior precision and predictive, the
+    ensemble's size, BLoB's KL step); one the method does not take is refused.
     """
 
     model: str = "smollm2-135m"
@@ -68,6 +70,7 @@ class RunSettings:
     freeze_ab: bool = False
     adapter: MeLoRAConfig = field(default_factory=MeLoRAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    options: MethodOptions = field(default_factory=MethodOptions)
 
     def __post_init__(self):
         def positive(x):
@@ -100,10 +103,15 @@ class RunSettings:
             ("freeze_ab", isinstance(self.freeze_ab, bool), "true or false"),
             ("adapter", isinstance(self.adapter, MeLoRAConfig), "a MeLoRAConfig"),
             ("train", isinstance(self.train, TrainConfig), "a TrainConfig"),
+            ("options", isinstance(self.options, MethodOptions), "a MethodOptions"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise RunError(f"setting {name} must be {expected}, got {getattr(self, name)!r:.80}")
+        try:
+            check_options(self.method, self.options.given())
+        except ValueError as e:
+            raise RunError(f"[options] {e}") from None
         splits = DATASETS[self.dataset].splits
         if self.eval_split not in splits:
             raise RunError(f"setting eval_split must be one of {list(splits)} for dataset {self.dataset!r}, "
@@ -123,10 +131,10 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSettings":
-        """Build from nested dicts (JSON or TOML: top-level keys plus ``[adapter]`` and ``[train]``).
+        """Build from nested dicts (JSON or TOML: top-level keys plus ``[adapter]``, ``[train]`` and ``[options]``).
 
-        Unknown keys and bad values raise ``RunError`` (or ``ConfigError`` for ``[adapter]`` / ``[train]``
-        values), both ``MeLoRAError``.
+        Unknown keys and bad values raise ``RunError`` (or ``ConfigError`` for ``[adapter]`` / ``[train]`` /
+        ``[options]`` values), both ``MeLoRAError``.
         """
         if not isinstance(d, dict):
             raise RunError(f"settings must be a table of keys, got {type(d).__name__}")
@@ -135,7 +143,7 @@ class RunSettings:
         unknown = sorted(map(str, set(d) - known))
         if unknown:
             raise RunError(f"unknown settings {unknown}; known: {sorted(known)}")
-        for section in ("adapter", "train"):
+        for section in ("adapter", "train", "options"):
             if not isinstance(d.get(section, {}), dict):
                 raise RunError(f"[{section}] must be a table of keys, got {type(d[section]).__name__}")
         try:
@@ -145,7 +153,12 @@ class RunSettings:
             if set(train_table) - train_known:
                 raise RunError(f"unknown [train] keys {sorted(map(str, set(train_table) - train_known))}; "
                                f"known: {sorted(train_known)}")
-            return cls(adapter=adapter, train=TrainConfig(**train_table), **d)
+            options_table = d.pop("options", {})
+            options_known = {f.name for f in dataclasses.fields(MethodOptions)}
+            if set(options_table) - options_known:
+                raise RunError(f"unknown [options] keys {sorted(map(str, set(options_table) - options_known))}; "
+                               f"known: {sorted(options_known)}")
+            return cls(adapter=adapter, train=TrainConfig(**train_table), options=MethodOptions(**options_table), **d)
         except TypeError as e:
             raise RunError(f"invalid settings: {e}") from e
 
@@ -248,7 +261,7 @@ def resume_changes(saved: RunSettings, new: RunSettings, step: int) -> dict:
 def _flat(d: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in d.items():
-        if key in ("adapter", "train") and not prefix:
+        if key in ("adapter", "train", "options") and not prefix:
             flat.update(_flat(value, f"{key}."))
         else:
             flat[prefix + key] = value

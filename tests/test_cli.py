@@ -90,3 +90,47 @@ def test_demo_runs_its_four_methods_on_the_embedded_slice(tmp_path, stories, cap
     summary = (run_dir / "summary.md").read_text()
     assert "| melora - map |" in summary and "| melora - map-ts |" in summary and "| map - zero-shot |" in summary
     assert summary in capsys.readouterr().out
+
+
+def test_method_options_are_flags_that_reach_the_method(stories):
+    from melora_pyro.cli import _parser, _settings
+    from melora_pyro.pipeline import build_run
+
+    def built(*flags):
+        args = _parser().parse_args(["train", *QUICK, *flags, "--run-dir", "unused"])
+        return build_run(_settings(args), progress=False)[0]
+
+    laplace = built("--method", "laplace", "--prior-precision", "3", "--max-fisher-examples", "6",
+                    "--fisher", "empirical", "--predictive", "weights", "--glm-samples", "7")
+    assert (laplace.precision_rule, laplace.max_fisher_examples, laplace.fisher_kind, laplace.predictive,
+            laplace.glm_samples) == (3.0, 6, "empirical", "weights", 7)
+    assert built("--method", "laplace").precision_rule == "marglik"
+    ensemble = built("--method", "ensemble", "--ensemble-size", "2", "--aggregate", "probs")
+    assert len(ensemble.members) == 2 and ensemble.aggregate == "probs"
+    blob = built("--method", "blob", "--kl-lr", "0.5", "--kl-reweighting", "false")
+    assert blob.update.kl_lr == 0.5 and blob.update.kl_reweighting is False
+
+
+def test_an_option_the_method_does_not_take_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *QUICK, "--method", "map", "--glm-samples", "5", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["melora-pyro: error: [options] method 'map': unknown options ['glm_samples']; "
+                   "it takes ['weight_decay', 'seed']"]
+    assert not run_dir.exists()
+
+
+def test_laplace_options_from_the_cli(tmp_path, stories):
+    from melora_pyro.cli import _parser, _settings
+    from melora_pyro.pipeline import build_run
+
+    args = _parser().parse_args(["train", *QUICK, "--method", "laplace", "--prior-precision", "validation",
+                                 "--run-dir", "unused"])
+    searching, task = build_run(_settings(args), progress=False)
+    assert len(searching.val_examples) == 100 and len(task.train) == 16  # toy's validation split, train kept
+    run_dir = tmp_path / "run"
+    assert main(["train", *QUICK, "--method", "laplace", "--prior-precision", "3", "--predictive", "weights",
+                 "--run-dir", str(run_dir)]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["prior_precision"] == 3.0 and metrics["n"] == 8
+    assert json.loads((run_dir / "settings.json").read_text())["options"]["predictive"] == "weights"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import AGGREGATIONS
 from ..train import TrainConfig
 from .method import Batch, PyroMethod
 
-AGGREGATIONS = ("logits", "probs")
 
 
 class EnsembleMethod:

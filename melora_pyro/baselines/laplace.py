@@ -37,12 +37,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config import FISHERS, PREDICTIVES
 from ..metrics import nll as nll_metric
 from ..train import TrainConfig, evaluate
 from .method import Batch, PointMethod
 
 DEFAULT_GRID = tuple(10.0 ** (k / 4) for k in range(-24, 25))  # 1e-6 .. 1e6, 4 per decade
-PREDICTIVES = ("glm", "weights")
 GLM_SAMPLES = 100_000  # logit draws per example, as run_gpt_laplace.py
 GLM_JITTER = 1e-6      # added to the logit covariance's diagonal before its Cholesky factor, as the reference
 
@@ -74,8 +74,8 @@ class LaplaceMethod:
                  name: str = "laplace"):
         if predictive not in PREDICTIVES:
             raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
-        if fisher not in ("ggn", "empirical"):
-            raise ValueError(f"fisher must be 'ggn' or 'empirical', got {fisher!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
         if not (prior_precision in ("marglik", "validation")
                 or (isinstance(prior_precision, (int, float)) and prior_precision > 0)):
             raise ValueError(f"prior_precision must be 'marglik', 'validation' or a positive number, "
