@@ -166,6 +166,8 @@ class MethodOptions:
         predictive: ``laplace``: ``"glm"`` (default, linearised) or ``"weights"`` (weight-space Monte Carlo,
             ``eval_samples`` draws).
         glm_samples: ``laplace``: logit draws per example of the GLM predictive (default 100,000).
+        flipout: ``melora`` / ``melora-elementwise`` / ``melora-noise``: C applied by Flipout, signs per
+            example and token, in training and prediction (default false: one C per draw for the batch).
     """
 
     ensemble_size: int | None = None
@@ -180,6 +182,7 @@ class MethodOptions:
     val_samples: int | None = None
     predictive: str | None = None
     glm_samples: int | None = None
+    flipout: bool | None = None
 
     def __post_init__(self):
         checks = {
@@ -198,6 +201,7 @@ class MethodOptions:
             "val_samples": (_is_int(self.val_samples) and self.val_samples >= 1, "a positive integer"),
             "predictive": (self.predictive in PREDICTIVES, f"one of {PREDICTIVES}"),
             "glm_samples": (_is_int(self.glm_samples) and self.glm_samples >= 1, "a positive integer"),
+            "flipout": (isinstance(self.flipout, bool), "true or false"),
         }
         for name, (ok, expected) in checks.items():
             if getattr(self, name) is not None and not ok:

@@ -1,6 +1,8 @@
 """``FullWeightELBO``: Monte Carlo likelihood plus the closed-form KL of the prior on C."""
 from __future__ import annotations
 
+import contextlib
+
 import pyro.poutine as poutine
 import torch
 from pyro.distributions import Delta
@@ -10,6 +12,8 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
+
+from .flipout import flipout
 
 
 class FullWeightELBO(Trace_ELBO):
@@ -28,7 +32,15 @@ class FullWeightELBO(Trace_ELBO):
     taken from the model site, so ``poutine.scale`` must wrap model and guide alike. Only the
     observed sites' log-probabilities are computed (no unused ``log_prob`` of the latents).
     ``loss()`` and the gradients use the same estimate.
+
+    ``flipout=True`` runs each call (all its particles) in one ``melora_pyro.flipout`` block: a model that
+    supports it (``MeLoRAModel``, ``BLoBModel``) then applies its Normal latents by Flipout, with the
+    noise decorrelated across examples and tokens; the KL is unchanged.
     """
+
+    def __init__(self, *, flipout: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.flipout = flipout
 
     def _get_trace(self, model, guide, args, kwargs):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -53,9 +65,10 @@ class FullWeightELBO(Trace_ELBO):
     def loss_terms(self, model, guide, *args, **kwargs) -> dict:
         """``loss = nll + kl`` averaged over particles, with ``probs`` ``(batch, K)`` of the last one."""
         nll = kl = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            particle_nll, particle_kl = self.particle_terms(model_trace, guide_trace)
-            nll, kl = nll + particle_nll, kl + particle_kl
+        with flipout() if self.flipout else contextlib.nullcontext():
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                particle_nll, particle_kl = self.particle_terms(model_trace, guide_trace)
+                nll, kl = nll + particle_nll, kl + particle_kl
         nll, kl = nll / self.num_particles, kl / self.num_particles
         loss = nll + kl
         if is_validation_enabled():  # reading the value synchronises a GPU

@@ -1,6 +1,8 @@
 """The adapted linear layer and its injection into a transformers model."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -8,14 +10,26 @@ from .errors import ConfigError
 from .flipout import flipout_perturbation
 
 
+class Binding(NamedTuple):
+    """What a ``MeLoRALinear`` is bound to for one forward: ``A (r, n)``, ``BC = B @ C (m, r)`` and
+    optional Flipout noise (``melora_pyro.flipout``): ``a_noise (r, n)`` on A (BLoB: ``A`` is then A's
+    mean), or ``c_noise (r, r)`` on C with ``B (m, r)`` (Me-LoRA: ``BC`` is then ``B @ M``, M C's mean)."""
+
+    A: torch.Tensor
+    BC: torch.Tensor
+    a_noise: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    c_noise: torch.Tensor | None = None
+
+
 class MeLoRALinear(nn.Module):
     """``y = W0 x + s * (B C) A x`` around a frozen ``nn.Linear`` (W0: m x n).
 
     The adapter tensors are not owned here: the model binds, before each forward, this layer's
-    ``A (r, n)`` and ``BC = B @ C (m, r)`` slices of its stacked parameters and sampled C, so all
-    layers share one Pyro sample site. ``dropout`` acts on the adapter input, as in peft.
-    ``bound`` may carry a third tensor, Flipout noise ``E (r, n)``: then ``A`` is the mean and the layer
-    adds ``s BC (((x o r) E^T) o s')`` with fresh signs per example and token (``melora_pyro.flipout``).
+    :class:`Binding` (a tuple ``(A, BC, ...)``), slices of its stacked parameters and sampled C, so all
+    layers share one Pyro sample site. ``dropout`` acts on the adapter input, as in peft. With Flipout
+    noise on A the layer adds ``s BC (((x o r) E^T) o s')``, on C ``s B (((z o r) E^T) o s')`` with
+    ``z = A x``; fresh signs per example and token (``melora_pyro.flipout``).
     """
 
     def __init__(self, base: nn.Linear, scaling: float, dropout: float = 0.0):
@@ -37,12 +51,14 @@ class MeLoRALinear(nn.Module):
         if self.bound is None:
             raise RuntimeError("MeLoRALinear called outside MeLoRAModel.forward: no adapter bound "
                                "(call the MeLoRAModel, or export with melora_pyro.merge_adapters)")
-        A, BC, *noise = self.bound
-        x_in = self.dropout(x).to(A.dtype)
-        low_rank = x_in @ A.mT
-        if noise:
-            low_rank = low_rank + flipout_perturbation(x_in, noise[0])
-        update = low_rank @ BC.mT
+        bound = Binding(*self.bound)
+        x_in = self.dropout(x).to(bound.A.dtype)
+        low_rank = x_in @ bound.A.mT
+        if bound.a_noise is not None:
+            low_rank = low_rank + flipout_perturbation(x_in, bound.a_noise)
+        update = low_rank @ bound.BC.mT
+        if bound.c_noise is not None:
+            update = update + flipout_perturbation(low_rank, bound.c_noise) @ bound.B.mT
         return self.base(x) + (self.scaling * update).to(x.dtype)
 
 

@@ -49,7 +49,7 @@ from torch import nn
 
 from guides import IdentityGuide, MeanFieldGuide
 
-from .baselines import (BLoBELBO, BLoBGuide, BLoBMethod, BLoBModel, BLoBNLLELBO, BLoBUpdate, DiagonalGuide,
+from .baselines import (BLoBELBO, BLoBGuide, BLoBModel, BLoBNLLELBO, BLoBUpdate, DiagonalGuide,
                         DiagonalMeLoRAModel, EnsembleMethod, LaplaceMethod, PointMethod, PyroMethod, TemperatureScaledMethod,
                         ZeroShotMethod)
 from .config import MeLoRAConfig
@@ -111,6 +111,9 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
             probabilities).
         prior_noise: for ``melora-noise`` (default ``config.prior_noise`` or 0.05).
         init_scale: initial std of the variational guides (default ``config.init_scale``, 1e-2).
+        flipout: for ``melora`` / ``melora-elementwise`` / ``melora-noise``: C applied by Flipout
+            (``melora_pyro.flipout``: the mean path plus ``B (((A x o r) E^T) o s')``, ``E = Omega o eps``,
+            signs per example and token) in training and prediction (default False: one C per draw).
         eps: for ``blob`` / ``blob-adamw``, the std parameter's initial scale (``BLOB_EPS``).
         kl_lr, kl_reweighting, dataset_rescaling: for ``blob`` (see ``baselines.BLoBUpdate``).
         kl_reweighting: for ``blob-adamw`` (default True; False: the plain ELBO, KL weight 1).
@@ -259,7 +262,7 @@ def _blob(base_model, config, ids, options):
         model = _zero_b(BLoBModel(_fresh_base(base_model), config, ids))
         guide = BLoBGuide(model, **_picked(options, "eps"))
         update = BLoBUpdate(model, guide, **_picked(options, "kl_lr", "kl_reweighting", "dataset_rescaling"))
-        return BLoBMethod(model, guide, elbo=BLoBNLLELBO(), update=update, name="blob",
+        return PyroMethod(model, guide, elbo=BLoBNLLELBO(), update=update, flipout=True, name="blob",
                           train_overrides={"weight_decay": options.get("weight_decay", 0.0)})
     return _seeded(options.get("seed", 0), build)
 
@@ -270,7 +273,7 @@ def _blob_adamw(base_model, config, ids, options):
         model = _zero_b(BLoBModel(_fresh_base(base_model), config, ids, name="blob_adamw"))
         guide = BLoBGuide(model, **_picked(options, "eps"))
         elbo = BLoBELBO() if options.get("kl_reweighting", True) else BLoBELBO(kl_weight=lambda *_: 1.0)
-        return BLoBMethod(model, guide, elbo=elbo, name="blob-adamw",
+        return PyroMethod(model, guide, elbo=elbo, flipout=True, name="blob-adamw",
                           train_overrides={"weight_decay": options.get("weight_decay", 0.0)})
     return _seeded(options.get("seed", 0), build)
 
@@ -288,7 +291,7 @@ def _variational(model_class, guide_class, name, **pinned):
         def build():
             model = model_class(_fresh_base(base_model), config, ids, name=name.replace("-", "_"))
             guide = guide_class(model, init_scale=options.get("init_scale", config.init_scale))
-            return PyroMethod(model, guide, name=name)
+            return PyroMethod(model, guide, flipout=options.get("flipout", False), name=name)
         return _seeded(options.get("seed", 0), build)
     return builder
 
@@ -302,6 +305,7 @@ def _zero_shot(base_model, config, readout, options):
 
 
 _GUIDE_OPTIONS = ("init_scale",)
+_MELORA_OPTIONS = _GUIDE_OPTIONS + ("flipout",)  # Flipout on C needs MeLoRAModel's one Normal site "C"
 _LAPLACE_OPTIONS = ("weight_decay", "prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples",
                     "predictive", "glm_samples")
 _BUILDERS = {
@@ -315,10 +319,10 @@ _BUILDERS = {
     "blob": (_blob, ("eps", "weight_decay", "kl_lr", "kl_reweighting", "dataset_rescaling")),
     "blob-adamw": (_blob_adamw, ("eps", "weight_decay", "kl_reweighting")),
     "melora": (_variational(MeLoRAModel, MeanFieldGuide, "melora", kl="full_weight", prior_noise=0.0),
-               _GUIDE_OPTIONS),
+               _MELORA_OPTIONS),
     "melora-elementwise": (_variational(MeLoRAModel, MeanFieldGuide, "melora-elementwise", kl="elementwise",
-                                        prior_noise=0.0), _GUIDE_OPTIONS),
+                                        prior_noise=0.0), _MELORA_OPTIONS),
     "melora-noise": (_variational(MeLoRAModel, MeanFieldGuide, "melora-noise", kl="full_weight",
-                                  prior_noise=_noise), _GUIDE_OPTIONS + ("prior_noise",)),
+                                  prior_noise=_noise), _MELORA_OPTIONS + ("prior_noise",)),
     "melora-diag": (_variational(DiagonalMeLoRAModel, DiagonalGuide, "melora-diag"), _GUIDE_OPTIONS),
 }

@@ -14,6 +14,7 @@ from torch import nn
 
 from ._params import pyro_param
 from .config import MeLoRAConfig
+from .flipout import flipout_noise, flipout_parameters
 from .layers import MeLoRALinear, inject_adapters
 from .priors import prior_from_config
 from .readouts import LetterReadout, as_readout
@@ -187,34 +188,45 @@ class MeLoRAModel(nn.Module):
 
     def sample_adapters(self):
         """Register A and B and sample the latent ``C`` ``(L, r, r)`` from the prior; returns ``(A, B, C)``
-        as ``label_logits`` takes them. Variants with other latents (``melora_pyro.baselines``) override it."""
+        as ``label_logits`` takes them, or inside a ``melora_pyro.flipout`` block ``(A, B, M, None, E)``:
+        C's guide mean ``M`` and Flipout noise ``E = Omega o eps`` ``(L, r, r)``. Variants with other
+        latents (``melora_pyro.baselines``) override it."""
         A, B = self.adapter_params()
         prior = self.prior(*self.gram_matrices(A, B), self.config.scaling)
         with pyro.plate("adapters", self.num_adapters):
             C = pyro.sample("C", prior)
+        source = flipout_parameters(C)
+        if source is not None:
+            return A, B, source[0], None, flipout_noise(source[1])
         return A, B, C
 
-    def label_logits(self, input_ids, attention_mask, A, B, C, noise=None, **readout_inputs) -> torch.Tensor:
+    def label_logits(self, input_ids, attention_mask, A, B, C, a_noise=None, c_noise=None,
+                     **readout_inputs) -> torch.Tensor:
         """The readout's answer scores ``(batch, K)`` with the adapters bound to (A, B, C) (and Flipout
-        ``noise``, see :meth:`bound`)."""
-        with self.bound(A, B, C, noise):
+        noise, see :meth:`bound`)."""
+        with self.bound(A, B, C, a_noise, c_noise):
             return self.readout(self.base, input_ids, attention_mask, **readout_inputs)
 
     @contextlib.contextmanager
-    def bound(self, A, B, C, noise=None):
+    def bound(self, A, B, C, a_noise=None, c_noise=None):
         """Bind every adapted layer to its slice of ``(A, B, C)`` (as ``sample_adapters`` returns them)
         for the duration of the block; the base model then computes ``W0 x + s B C A x``::
 
             with model.bound(*model.sample_adapters()):
                 logits = model.base(input_ids).logits
 
-        ``noise``: optional Flipout noise stacks shaped like ``A`` (then ``A`` is the mean, see
-        ``melora_pyro.flipout``).
+        Optional Flipout noise (``melora_pyro.flipout``): ``a_noise``, stacks shaped like ``A`` (then
+        ``A`` is A's mean), or ``c_noise`` ``(L, r, r)`` (then ``C`` is C's mean).
         """
         BC = [b @ c for b, c in zip(B, C.split(self._group_sizes))]
-        noises = _unbind_all(noise) if noise is not None else [None] * len(self._layers)
-        for layer, a, bc, e in zip(self._layers, _unbind_all(A), _unbind_all(BC), noises):
-            layer.bound = (a, bc) if e is None else (a, bc, e)
+        bindings = [_unbind_all(A), _unbind_all(BC)]
+        if a_noise is not None or c_noise is not None:
+            missing = [None] * len(self._layers)
+            bindings += [_unbind_all(a_noise) if a_noise is not None else missing,
+                         _unbind_all(B) if c_noise is not None else missing,
+                         c_noise.unbind(0) if c_noise is not None else missing]
+        for layer, *binding in zip(self._layers, *bindings):
+            layer.bound = tuple(binding)
         try:
             yield self.base
         finally:

@@ -109,6 +109,7 @@ def test_method_options_are_flags_that_reach_the_method(stories):
     assert len(ensemble.members) == 2 and ensemble.aggregate == "probs"
     blob = built("--method", "blob", "--kl-lr", "0.5", "--kl-reweighting", "false")
     assert blob.update.kl_lr == 0.5 and blob.update.kl_reweighting is False
+    assert built("--method", "melora", "--flipout", "true").flipout and not built("--method", "melora").flipout
 
 
 def test_an_option_the_method_does_not_take_is_refused(tmp_path, capsys):

@@ -118,6 +118,53 @@ def test_blob_predicts_under_flipout_per_example():
     assert torch.allclose(mean[0], mean[1]) and torch.allclose(mean[1], mean[2])
 
 
+def test_melora_flipout_on_c_has_the_moments_of_a_sampled_c_and_decorrelates_tokens():
+    """Flipout on C: each (example, token) row sees ``B (M + E o (s r^T)) A x``, a draw distributed as
+    ``B C A x`` with ``C ~ N(M, Omega^2)``; two rows of one forward are uncorrelated (a shared C couples them)."""
+    from melora_pyro.layers import MeLoRALinear
+
+    torch.manual_seed(0)
+    n, m, r, trials = 6, 5, 3, 20000
+    layer = MeLoRALinear(torch.nn.Linear(n, m, bias=False), scaling=1.0)
+    A, B, M, omega = torch.randn(r, n), torch.randn(m, r), torch.randn(r, r), 0.5 + torch.rand(r, r)
+    x = torch.randn(2, 2, n)  # (example, token, n)
+    base = layer.base(x)
+
+    def update(binding):
+        layer.bound = binding
+        with torch.no_grad():
+            return layer(x) - base
+
+    flip = torch.stack([update((A, B @ M, None, B, omega * torch.randn(r, r))) for _ in range(trials)])
+    shared = torch.stack([update((A, B @ (M + omega * torch.randn(r, r)))) for _ in range(trials)])
+    assert torch.allclose(flip.mean(0), shared.mean(0), atol=0.1)
+    assert torch.allclose(flip.mean(0), (x @ A.mT) @ (B @ M).mT, atol=0.1)
+    assert torch.allclose(flip.var(0), shared.var(0), rtol=0.06)
+    rows_flip, rows_shared = flip[:, 0, 0, 0], flip[:, 1, 1, 0]
+    corr_flip = torch.corrcoef(torch.stack([rows_flip, rows_shared]))[0, 1]
+    corr_shared = torch.corrcoef(torch.stack([shared[:, 0, 0, 0], shared[:, 1, 1, 0]]))[0, 1]
+    assert abs(corr_flip) < 0.05 and abs(corr_shared) > 0.2
+
+
+def test_melora_with_flipout_trains_its_scale_and_predicts_per_example():
+    method = build_method("melora", tiny_llama, CONFIG, LABEL_IDS, flipout=True, init_scale=0.5)
+    assert method.elbo.flipout and method.flipout
+    scale_before = method.guide.scale.detach().clone()
+    method.fit(_examples(16), collate, TrainConfig(steps=3, batch_size=4, lr=1e-2, guide_scale_lr=0.1))
+    assert not torch.allclose(method.guide.scale.detach(), scale_before)  # the NLL gradient reaches Omega
+    with torch.no_grad():
+        for b in method.model.lora_B:
+            b.normal_(0, 1.0)
+    x, _ = _examples(1)[0]
+    batch = collate([(x, 0)] * 3)
+    batch["choice_mask"][:] = True
+    torch.manual_seed(0)
+    probs = method.predict(batch, num_samples=1)
+    assert not torch.allclose(probs[0], probs[1]) and not torch.allclose(probs[1], probs[2])  # own signs per row
+    plain = build_method("melora", tiny_llama, CONFIG, LABEL_IDS)
+    assert not plain.flipout and not plain.elbo.flipout
+
+
 def _official_kl(loc, sigma, prior_std, eps=1e-6):
     """BLoB's kl_div_stable, written out from its definition (float64)."""
     sigma, loc = sigma.double(), loc.double()

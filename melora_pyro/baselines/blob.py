@@ -42,10 +42,9 @@ from torch import nn
 from .._params import pyro_param
 from ..config import MeLoRAConfig
 from ..elbo import FullWeightELBO
-from ..flipout import flipout, flipout_noise, flipout_parameters
+from ..flipout import flipout_noise, flipout_parameters
 from ..model import MeLoRAModel
 from ..train import TrainConfig, UpdateRule
-from .method import PyroMethod
 
 BLOB_EPS = 0.05    # --bayes-eps: G starts uniform in [eps / sqrt(2), eps], so std = G^2 in [eps^2/2, eps^2]
 BLOB_KL_LR = 0.01  # --bayes-kllr of scripts/blob/*.sh (the argument parser's default is 0.02)
@@ -179,21 +178,19 @@ class BLoBELBO(KLScheduleELBO):
     """BLoB's re-weighted ELBO (``kl_weight``: :func:`blob_kl_weight`) under Flipout: method ``blob-adamw``."""
 
     def __init__(self, kl_weight: Callable[[int, int, int], float] = blob_kl_weight, **kwargs):
-        super().__init__(kl_weight, **kwargs)
-
-    def loss_terms(self, *args, **kwargs) -> dict:
-        with flipout():
-            return super().loss_terms(*args, **kwargs)
+        super().__init__(kl_weight, **{"flipout": True, **kwargs})
 
 
 class BLoBNLLELBO(FullWeightELBO):
     """The first half of BLoB's step: ``loss`` = the *mean* batch NLL under Flipout (the KL is stepped
     by :class:`BLoBUpdate`); ``nll`` and ``kl`` are logged as by ``FullWeightELBO``."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**{"flipout": True, **kwargs})
+
     def loss_terms(self, model, guide, input_ids, attention_mask=None, labels=None, num_data=None,
                    **kwargs) -> dict:
-        with flipout():
-            terms = super().loss_terms(model, guide, input_ids, attention_mask, labels, num_data, **kwargs)
+        terms = super().loss_terms(model, guide, input_ids, attention_mask, labels, num_data, **kwargs)
         return {**terms, "loss": terms["nll"] / (num_data or input_ids.shape[0])}
 
 
@@ -234,11 +231,3 @@ class BLoBUpdate(UpdateRule):
             group["lr"] = self.kl_lr * lr_factor
         self.kl_optimizer.step()
         self.kl_optimizer.zero_grad(set_to_none=True)
-
-
-class BLoBMethod(PyroMethod):
-    """A BLoB model and guide whose predictions, like its training, run under Flipout."""
-
-    def _predict(self, batch, num_samples: int) -> torch.Tensor:
-        with flipout():
-            return super()._predict(batch, num_samples)

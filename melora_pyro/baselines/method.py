@@ -6,6 +6,7 @@ optimiser (one fused AdamW) and evaluation entry point ``predict(batch, num_samp
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..elbo import FullWeightELBO
+from ..flipout import flipout
 from ..layers import MeLoRALinear
 from ..predict import predict_proba
 from ..readouts import readout_inputs
@@ -35,6 +37,8 @@ class PyroMethod:
             (``{"weight_decay": 0.0}`` for MLE), applied with ``dataclasses.replace``.
         dropout_at_test: keep the adapter dropout active in ``predict`` (MC dropout).
         update: the optimiser and its step (``train.UpdateRule``; default one AdamW).
+        flipout: apply the guide's Normal latents by Flipout (``melora_pyro.flipout``) in predictions,
+            and in training when ``elbo`` is not given (then ``FullWeightELBO(flipout=True)``).
         name: the method's registry name, for messages and outputs.
 
     ``predict`` with ``num_samples = N >= 1`` averages the label probabilities of N guide draws
@@ -47,9 +51,9 @@ class PyroMethod:
 
     def __init__(self, model: nn.Module, guide: nn.Module, elbo: FullWeightELBO | None = None,
                  train_overrides: dict | None = None, dropout_at_test: bool = False,
-                 update: UpdateRule | None = None, name: str = ""):
-        self.model, self.guide, self.update = model, guide, update
-        self.elbo = elbo or FullWeightELBO()
+                 update: UpdateRule | None = None, flipout: bool = False, name: str = ""):
+        self.model, self.guide, self.update, self.flipout = model, guide, update, flipout
+        self.elbo = elbo or FullWeightELBO(flipout=flipout)
         self.train_overrides = dict(train_overrides or {})
         self.dropout_at_test = dropout_at_test
         self.name = name or type(self).__name__
@@ -79,9 +83,10 @@ class PyroMethod:
         return self._predict(batch, draws)
 
     def _predict(self, batch: Batch, num_samples: int) -> torch.Tensor:
-        return predict_proba(self.model, self.guide, batch["input_ids"], batch.get("attention_mask"),
-                             num_samples=num_samples, choice_mask=batch.get("choice_mask"),
-                             **readout_inputs(batch))
+        with flipout() if self.flipout else contextlib.nullcontext():
+            return predict_proba(self.model, self.guide, batch["input_ids"], batch.get("attention_mask"),
+                                 num_samples=num_samples, choice_mask=batch.get("choice_mask"),
+                                 **readout_inputs(batch))
 
     def mean_logits(self, batch: Batch) -> torch.Tensor:
         """Label logits ``(batch, K)`` at the guide's posterior mean, differentiable in A and B
