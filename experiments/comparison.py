@@ -31,11 +31,14 @@ from melora_pyro.plots import reliability_diagram
 from .grids import PROFILES, mean_std, temperature_cell, train_flags
 
 METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "melora", "melora-ts")
-VARIANTS = ("melora-elementwise", "melora-diag", "blob-adamw")  # the ablation table, against melora
+VARIANTS = ("melora-elementwise", "melora-diag", "melora-flipout", "blob-adamw")  # the ablation table
+OPTION_VARIANTS = {"melora-flipout": ("melora", ("--flipout", "true"))}  # a method run with extra flags
+ABLATION_ORDER = ("melora", "melora-elementwise", "melora-diag", "melora-flipout", "blob", "blob-adamw")
 PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"), ("blob", "map"), ("map", "zero-shot"),
          ("mle", "map"), ("mcdropout", "map"), ("ensemble", "map"), ("laplace", "map"), ("laplace", "map-ts"),
          ("melora", "laplace"))
-ABLATION_PAIRS = (("melora-elementwise", "melora"), ("melora-diag", "melora"), ("blob-adamw", "blob"))
+ABLATION_PAIRS = (("melora-elementwise", "melora"), ("melora-diag", "melora"), ("melora-flipout", "melora"),
+                  ("blob-adamw", "blob"))
 SCALED = {"map-ts": "map", "melora-ts": "melora"}  # a temperature on top of which trained run
 DATASETS = ("arc-e", "arc-c", "obqa", "wg-s", "boolq")
 PRIORITY = ("zero-shot", "map", "map-ts", "blob", "melora", "melora-ts")  # the issue's first grid, 3 seeds
@@ -56,8 +59,9 @@ def cells(datasets, methods, seeds, data_dir: str, profile: str = "cpu") -> list
                 if method in SCALED and not has_dev and method != "map-ts":
                     continue  # a temperature on a hold-out of train needs its own training: map-ts only
                 trained = SCALED.get(method, method) if has_dev else method
+                runs, extra = OPTION_VARIANTS.get(trained, (trained, ()))
                 cell = Cell(f"{dataset}/{trained}-s{seed}",
-                            train_flags(trained, dataset, data_dir, seed=seed, profile=profile))
+                            train_flags(runs, dataset, data_dir, seed=seed, extra=extra, profile=profile))
                 grid.append(temperature_cell(cell, f"{dataset}/{method}-s{seed}") if trained != method else cell)
     return grid
 
@@ -99,7 +103,7 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
         lines += _difference_table(by_method, PAIRS, labels, doc[dataset])
         if any(m in by_method for m in VARIANTS):
             lines += ["### Ablation: Me-LoRA and BLoB variants", ""]
-            lines += _method_table(by_method, ("melora", *VARIANTS[:2], "blob", *VARIANTS[2:]), doc[dataset])
+            lines += _method_table(by_method, ABLATION_ORDER, doc[dataset])
             lines += _difference_table(by_method, ABLATION_PAIRS, labels, doc[dataset])
         first = {m: (runs[0][1], labels) for m, runs in by_method.items() if m not in VARIANTS}
         reliability_diagram(first, out.parent / f"{out.name}_{dataset}.png", title=f"{dataset} test (first seed)")

@@ -147,3 +147,13 @@ def test_comparison_grid_scales_temperatures_on_dev_and_trains_map_ts_where_ther
     wg = grid["wg-s/map-ts-s1"]
     assert wg.run_name == "wg-s/map-ts-s1" and wg.evaluate is None and "map-ts" in wg.flags
     assert "--seed" in wg.flags and wg.flags[wg.flags.index("--seed") + 1] == "1"
+
+
+def test_an_option_variant_is_its_method_run_with_the_option():
+    from experiments import comparison
+
+    from .conftest import SHARED_DIR
+    [cell] = comparison.cells(["arc-e"], ["melora-flipout"], [0], str(SHARED_DIR / "data"))
+    assert cell.name == "arc-e/melora-flipout-s0" and comparison.method_of(cell) == "melora-flipout"
+    flags = list(cell.flags)
+    assert flags[flags.index("--method") + 1] == "melora" and flags[flags.index("--flipout") + 1] == "true"

@@ -119,25 +119,28 @@ def test_log_records_kl_and_omega_quantiles(tmp_path):
         assert 0 < r["omega_q10"] <= r["omega_median"] <= r["omega_q90"] and math.isfinite(r["kl"])
 
 
-@pytest.mark.slow  # two trainings of 150 steps: about 1-3 minutes on 2 shared cores
-@pytest.mark.xfail(strict=True, reason="not reached yet with the full-weight KL: measured (this test's settings) mle 0.738, "
-                   "melora 0.680 (train 0.91; 0.691 after 400 steps; 0.719 at prior std 5), while melora-elementwise "
-                   "reaches 0.742: the full-weight prior through grown A, B regularises C more than 256 examples undo")
+@pytest.mark.slow  # twelve trainings of 150 steps on a tiny model: about 1-2 minutes on 2 shared cores
 def test_default_melora_learns_the_synthetic_task_about_as_well_as_plain_lora():
-    """build_method("melora") with default settings against plain LoRA (IdentityGuide) in the same budget:
-    accuracy within 5 points, and Omega has left its initial value."""
+    """build_method("melora") with default settings against plain LoRA (``mle``: IdentityGuide) in the
+    same budget: mean accuracy over 3 task draws x 2 seeds within 5 points, and Omega has left its initial
+    value. One run's accuracy difference has a standard error of about 3 points (256 test questions): a
+    single seed could not resolve 5 points. Measured (2026-12-02, per run, mle / melora): 0.738 / 0.660,
+    0.688 / 0.723, 0.805 / 0.758, 0.809 / 0.789, 0.816 / 0.770, 0.766 / 0.785; means 0.770 / 0.748."""
     config = MeLoRAConfig(rank=4, target_modules=("q_proj", "v_proj", "lm_head"))
-    train_x, train_y = _separable_but_noisy_task(256, seed=1)
-    test_x, test_y = _separable_but_noisy_task(256, seed=2)
     collate = lambda b: {"input_ids": torch.stack([x for x, _ in b]), "labels": torch.stack([t for _, t in b])}  # noqa: E731
     settings = TrainConfig(steps=150, batch_size=32, lr=1e-2)
-    accuracy = {}
-    for name in ("mle", "melora"):
-        method = build_method(name, tiny_llama, config, [10, 11, 12, 13], seed=0)
-        method.fit(list(zip(train_x, train_y)), collate, settings)
-        probs = method.predict({"input_ids": test_x, "labels": test_y}, num_samples=4)
-        accuracy[name] = (probs.argmax(-1) == test_y).float().mean().item()
-    assert accuracy["mle"] > 0.6, accuracy  # the task is learnt at all (chance: 0.25)
-    assert accuracy["melora"] >= accuracy["mle"] - 0.05, accuracy
+    accuracy = {"mle": [], "melora": []}
+    for task_seed in (1, 3, 5):
+        train_x, train_y = _separable_but_noisy_task(256, seed=task_seed)
+        test_x, test_y = _separable_but_noisy_task(256, seed=task_seed + 1)
+        for seed in (0, 1):
+            for name in accuracy:
+                method = build_method(name, tiny_llama, config, [10, 11, 12, 13], seed=seed)
+                method.fit(list(zip(train_x, train_y)), collate, settings)
+                probs = method.predict({"input_ids": test_x, "labels": test_y}, num_samples=4)
+                accuracy[name].append((probs.argmax(-1) == test_y).float().mean().item())
+    mean = {name: sum(values) / len(values) for name, values in accuracy.items()}
+    assert mean["mle"] > 0.6, accuracy  # the task is learnt at all (chance: 0.25)
+    assert mean["melora"] >= mean["mle"] - 0.05, accuracy
     omega = method.guide.scale
     assert (omega.log() - math.log(1e-2)).abs().median() > 1.0  # moved by more than a factor e
