@@ -157,3 +157,14 @@ def test_an_option_variant_is_its_method_run_with_the_option():
     assert cell.name == "arc-e/melora-flipout-s0" and comparison.method_of(cell) == "melora-flipout"
     flags = list(cell.flags)
     assert flags[flags.index("--method") + 1] == "melora" and flags[flags.index("--flipout") + 1] == "true"
+
+
+def test_each_dataset_is_scored_with_the_normalisation_chosen_on_its_dev_split():
+    from experiments import comparison
+
+    from .conftest import SHARED_DIR
+    grid = {c.name: list(c.flags) for c in comparison.cells(["arc-e", "arc-c"], ["zero-shot", "melora"], [0],
+                                                             str(SHARED_DIR / "data"))}
+    for name in ("arc-c/zero-shot", "arc-c/melora-s0"):
+        assert grid[name][grid[name].index("--normalization") + 1] == "char"
+    assert "--normalization" not in grid["arc-e/melora-s0"]  # ARC-E keeps the CLI's default, sum
