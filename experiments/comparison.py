@@ -22,10 +22,12 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from melora_pyro import data
 from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, archive_cells, cell_cost, is_done, read_cell, run_grid
-from melora_pyro.metrics import METRICS, bootstrap_ci
+from melora_pyro.metrics import METRICS, accuracy, bootstrap_ci
 from melora_pyro.plots import reliability_diagram
 
 from .grids import PROFILES, mean_std, temperature_cell, train_flags
@@ -76,7 +78,10 @@ def method_of(cell: Cell) -> str:
     return name.rsplit("-s", 1)[0] if name != "zero-shot" else name
 
 
-def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cpu", archive=None) -> str:
+def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cpu", archive=None,
+           data_dir: str | None = None) -> str:
+    """Write ``out.{md,json}`` from the done cells of ``grid``; with ``data_dir``, each dataset's table
+    opens with its signal check (chance, and the ACC CIs of zero-shot and MAP)."""
     where = "top-2 layers + lm_head over the prefix cache" if profile == "cpu" else "every layer + lm_head"
     lines = [f"# Powered comparison, {profile} profile (SmolLM2-135M, {where}, cloze)", "",
              f"Command: `python -m experiments.comparison --data-dir ../shared/data --profile {profile}`", "",
@@ -99,6 +104,8 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
         if "validation" not in data.DATASETS[dataset].splits:
             lines += [f"{dataset} has no dev split: map-ts fits its temperature on a seeded 10% hold-out of train "
                       "(and trains on the other 90%).", ""]
+        if data_dir is not None:
+            lines += [_signal(by_method, labels, dataset, data_dir, doc[dataset]), ""]
         lines += _method_table(by_method, METHODS, doc[dataset])
         lines += _difference_table(by_method, PAIRS, labels, doc[dataset])
         if any(m in by_method for m in VARIANTS):
@@ -116,6 +123,25 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
     atomic_write_text(out.with_suffix(".md"), text)
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
     return text
+
+
+def _signal(by_method: dict, labels, dataset: str, data_dir: str, doc: dict) -> str:
+    """One line: the test split's chance accuracy and the 95% bootstrap CIs of zero-shot's and MAP's
+    ACC (MAP's: the mean over its seeds), which say whether the setting carries signal at all."""
+    examples = [data.without_repeated_choices(ex) for ex in data.load_examples(dataset, "test", data_dir)]
+    chance = sum(1 / len(ex.choices) for ex in examples) / len(examples)
+    doc["chance"] = chance
+    parts, at_chance = [], []
+    for method in ("zero-shot", "map"):
+        if method in by_method:
+            seeds = [r[1] for r in by_method[method]]
+            acc = sum(accuracy(p, labels) for p in seeds) / len(seeds)
+            lo, hi = bootstrap_ci(accuracy, seeds, labels)
+            at_chance.append(lo <= chance <= hi)
+            parts.append(f"{method} {100 * acc:.1f} % [{lo * 100:.1f}, {hi * 100:.1f}]"
+                         + (" (the CI includes chance)" if at_chance[-1] else ""))
+    verdict = " **No signal: the differences below measure nothing.**" if parts and all(at_chance) else ""
+    return f"Signal: chance {100 * chance:.1f} %; ACC with 95% bootstrap CI: " + "; ".join(parts) + "." + verdict
 
 
 def _method_table(by_method: dict, methods, doc: dict) -> list[str]:
@@ -172,6 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--archive", help="where finished cells are kept (default <out>_cells)")
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the cells run as subprocesses; the report's bootstrap is tiny ops, slowed by threads
     root = args.root or ("runs/comparison" if args.profile == "cpu" else f"runs/comparison-{args.profile}")
     out = args.out or f"results/comparison_{args.profile}"
     archive = args.archive or f"{out}_cells"
@@ -179,7 +206,7 @@ def main(argv=None) -> int:
     status = {} if args.report_only else run_grid(grid, root, jobs=args.jobs, threads=args.threads, archive=archive)
     every = all_cells(DATASETS, args.data_dir, args.profile)
     archive_cells(every, root, archive)  # every finished cell, whichever this call asked for
-    print(report(every, Path(root), Path(out), DATASETS, args.profile, archive))
+    print(report(every, Path(root), Path(out), DATASETS, args.profile, archive, data_dir=args.data_dir))
     return 1 if any(v != "done" for v in status.values()) else 0
 
 

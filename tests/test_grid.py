@@ -168,3 +168,21 @@ def test_each_dataset_is_scored_with_the_normalisation_chosen_on_its_dev_split()
     for name in ("arc-c/zero-shot", "arc-c/melora-s0"):
         assert grid[name][grid[name].index("--normalization") + 1] == "char"
     assert "--normalization" not in grid["arc-e/melora-s0"]  # ARC-E keeps the CLI's default, sum
+
+
+def test_the_signal_line_says_when_no_method_is_above_chance():
+    from experiments import comparison
+    from melora_pyro import data
+
+    from .conftest import SHARED_DIR
+    data_dir = str(SHARED_DIR / "data")
+    examples = [data.without_repeated_choices(ex) for ex in data.load_examples("arc-c", "test", data_dir)]
+    labels = torch.tensor([ex.label for ex in examples])
+    first = torch.zeros(len(labels), 5)
+    first[:, 0] = 1.0  # always the first choice: about chance
+    right = torch.nn.functional.one_hot(labels, 5).float()
+    chance_only = comparison._signal({"zero-shot": [(None, first)]}, labels, "arc-c", data_dir, {})
+    assert "(the CI includes chance)" in chance_only and "No signal" in chance_only
+    with_signal = comparison._signal({"zero-shot": [(None, first)], "map": [(None, right), (None, right)]},
+                                     labels, "arc-c", data_dir, {})
+    assert "map 100.0 %" in with_signal and "No signal" not in with_signal
