@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from melora_pyro import data
 from melora_pyro._atomic import atomic_write_text
-from melora_pyro.grid import Cell, archive_cells, cell_cost, is_done, read_cell, run_grid
+from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.metrics import METRICS, accuracy, bootstrap_ci
 from melora_pyro.plots import reliability_diagram
 
@@ -203,7 +204,11 @@ def main(argv=None) -> int:
     out = args.out or f"results/comparison_{args.profile}"
     archive = args.archive or f"{out}_cells"
     grid = cells(args.datasets, args.methods, args.seeds, args.data_dir, args.profile)  # the CLI makes it absolute
-    status = {} if args.report_only else run_grid(grid, root, jobs=args.jobs, threads=args.threads, archive=archive)
+    try:
+        status = {} if args.report_only else run_grid(grid, root, jobs=args.jobs, threads=args.threads, archive=archive)
+    except GridError as e:  # another grid holds the root
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     every = all_cells(DATASETS, args.data_dir, args.profile)
     archive_cells(every, root, archive)  # every finished cell, whichever this call asked for
     print(report(every, Path(root), Path(out), DATASETS, args.profile, archive, data_dir=args.data_dir))

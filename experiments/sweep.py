@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from melora_pyro._atomic import atomic_write_text
-from melora_pyro.grid import Cell, cell_cost, read_cell, run_grid
+from melora_pyro.grid import Cell, GridError, cell_cost, read_cell, run_grid
 from melora_pyro.metrics import accuracy, bootstrap_ci
 
 from .grids import train_flags
@@ -121,7 +122,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     grid = cells(args.data_dir)  # as given: the CLI makes it absolute, the printed commands stay portable
     chosen = [c for c in grid if not args.only or c.name in args.only]
-    status = run_grid(chosen, args.root, jobs=args.jobs, threads=args.threads)
+    try:
+        status = run_grid(chosen, args.root, jobs=args.jobs, threads=args.threads)
+    except GridError as e:  # another grid holds the root
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report(grid, Path(args.root), Path(args.out))
     failed = {k: v for k, v in status.items() if v != "done"}
     print(open(Path(args.out).with_suffix(".md")).read())

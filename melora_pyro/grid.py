@@ -21,6 +21,8 @@ for machines with cores to spare, or for keeping two grids moving at once.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -86,9 +88,33 @@ def run_grid(cells: list[Cell], root, jobs: int = 1, threads: int | None = None,
     A run directory left unfinished (a stopped command) is continued with ``--resume``; each cell's
     output goes to ``root/<name>.log``. Cells sharing a run wait for the one that trains it. With
     ``archive``, each cell is archived as soon as it finishes, so a stopped grid keeps what it finished.
+    One grid at a time per ``root`` (a lock on ``root/.grid.lock``, freed when its process ends): a
+    second raises :class:`GridError` at once, since two processes resuming the same run corrupt it.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root):
+        return _run_unlocked(cells, root, jobs, threads, log, archive)
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path):
+    """Hold ``root/.grid.lock`` (``flock``: the kernel frees it if the process dies) or raise GridError."""
+    with open(root / ".grid.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise GridError(f"another grid (pid {holder}) is running on {root}; wait for it or use another root") \
+                from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def _run_unlocked(cells: list[Cell], root: Path, jobs: int, threads: int | None, log, archive) -> dict[str, str]:
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     by_run: dict[str, list[Cell]] = {}
     for cell in cells:

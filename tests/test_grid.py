@@ -1,4 +1,5 @@
 """Grids of CLI runs (``melora_pyro.grid``) and temperature scaling of a trained run, on stories260K."""
+import fcntl
 import json
 import shutil
 
@@ -8,7 +9,7 @@ import torch
 from melora_pyro import MeLoRAConfig
 from melora_pyro.cli import main
 from melora_pyro.calibration import apply_temperature
-from melora_pyro.grid import Cell, archive_cells, cell_cost, is_done, read_cell, run_grid
+from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.methods import build_method
 from melora_pyro.metrics import bootstrap_ci, ece, nll
 from melora_pyro.models import tiny_llama
@@ -89,6 +90,28 @@ def test_a_grid_runs_each_cell_once_shares_training_and_reports_failures(tmp_pat
     log_before = (root / "toy" / "map.log").read_text()
     assert run_grid(grid[:2], root, log=lambda *_: None) == {"toy/map": "done", "toy/map-ts": "done"}
     assert (root / "toy" / "map.log").read_text() == log_before  # finished cells are not run again
+
+
+def test_a_second_grid_on_the_same_root_is_refused_and_runs_nothing(tmp_path, capsys):
+    """Two processes resuming one run directory would corrupt it: while one grid holds ``root``, another
+    ``run_grid`` (and the comparison's CLI, with one error line) refuses before running any cell."""
+    root = tmp_path / "grid"
+    root.mkdir()
+    cell = Cell("toy/map", FLAGS + ("--method", "map"))
+    with open(root / ".grid.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a running grid holds (flock: per open file, so this conflicts)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(GridError, match=r"another grid \(pid 4242\) is running on"):
+            run_grid([cell], root, log=lambda *_: None)
+        from experiments import comparison
+
+        from .conftest import SHARED_DIR
+        assert comparison.main(["--data-dir", str(SHARED_DIR / "data"), "--datasets", "arc-e", "--seeds", "0", "--methods", "map",
+                                "--root", str(root), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: another grid")
+    assert not (root / "toy").exists() and not (tmp_path / "out.md").exists()
 
 
 def test_seed_lists_bootstrap_the_mean_over_seeds_on_the_same_resamples():
