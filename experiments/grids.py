@@ -26,19 +26,23 @@ BATCH_SIZE = 8
 NORMALIZATION = {"arc-c": "char", "obqa": "char"}
 
 
-def steps_for(dataset: str, data_dir: str, epochs: float) -> int:
-    """Optimiser steps for ``epochs`` passes over ``dataset``'s training split at ``BATCH_SIZE``."""
-    return math.ceil(len(data.load_examples(dataset, "train", data_dir)) * epochs / BATCH_SIZE)
+def steps_for(dataset: str, data_dir: str, epochs: float, train_limit: int | None = None) -> int:
+    """Optimiser steps for ``epochs`` passes over ``dataset``'s training split (its first ``train_limit``
+    questions of a seeded shuffle, when given) at ``BATCH_SIZE``."""
+    n = len(data.load_examples(dataset, "train", data_dir))
+    return math.ceil(min(n, train_limit or n) * epochs / BATCH_SIZE)
 
 
 def train_flags(method: str, dataset: str, data_dir: str, epochs: float = 1, seed: int = 0,
-                eval_split: str = "test", extra: tuple[str, ...] = (), profile: str = "cpu") -> tuple[str, ...]:
+                eval_split: str = "test", extra: tuple[str, ...] = (), profile: str = "cpu",
+                train_limit: int | None = None) -> tuple[str, ...]:
     """The ``melora-pyro train`` flags of one run of ``profile`` (``PROFILES``)."""
     flags, eval_samples = PROFILES[profile]
     samples = "0" if method in ("zero-shot", "map", "mle") else str(eval_samples)
     norm = ("--normalization", NORMALIZATION[dataset]) if dataset in NORMALIZATION else ()
-    return ("--method", method, "--dataset", dataset, "--data-dir", data_dir, *flags, *norm,
-            "--steps", str(steps_for(dataset, data_dir, epochs) if method != "zero-shot" else 1),
+    limit = ("--train-limit", str(train_limit)) if train_limit else ()
+    return ("--method", method, "--dataset", dataset, "--data-dir", data_dir, *flags, *norm, *limit,
+            "--steps", str(steps_for(dataset, data_dir, epochs, train_limit) if method != "zero-shot" else 1),
             "--seed", str(seed), "--eval-split", eval_split, "--eval-samples", samples, *extra)
 
 

@@ -209,3 +209,18 @@ def test_the_signal_line_says_when_no_method_is_above_chance():
     with_signal = comparison._signal({"zero-shot": [(None, first)], "map": [(None, right), (None, right)]},
                                      labels, "arc-c", data_dir, {})
     assert "map 100.0 %" in with_signal and "No signal" not in with_signal
+
+
+def test_the_overfitting_grid_trains_each_epoch_count_once_on_the_same_seeded_subset():
+    from experiments import overfitting
+
+    from .conftest import SHARED_DIR
+    grid = {c.name: c for c in overfitting.cells(str(SHARED_DIR / "data"))}
+    assert set(grid) == {f"{m}-{e}ep" for m in overfitting.METHODS for e in overfitting.EPOCHS}
+    for epochs in overfitting.EPOCHS:
+        flags = grid[f"melora-{epochs}ep"].flags
+        assert flags[flags.index("--train-limit") + 1] == "500" and flags[flags.index("--seed") + 1] == "0"
+        assert int(flags[flags.index("--steps") + 1]) == -(-500 * epochs // 8)  # whole passes over the subset
+        for method in ("map", "melora"):  # the temperature re-scores the run, it does not train again
+            assert grid[f"{method}-ts-{epochs}ep"].run_name == f"{method}-{epochs}ep"
+            assert grid[f"{method}-ts-{epochs}ep"].evaluate == ("--temperature-scale",)
