@@ -127,22 +127,27 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
 
 
 def _signal(by_method: dict, labels, dataset: str, data_dir: str, doc: dict) -> str:
-    """One line: the test split's chance accuracy and the 95% bootstrap CIs of zero-shot's and MAP's
-    ACC (MAP's: the mean over its seeds), which say whether the setting carries signal at all."""
+    """One line: the bar an answer must clear and the 95% bootstrap CIs of zero-shot's and MAP's ACC
+    (MAP's: the mean over its seeds), which say whether the setting carries signal at all. The bar is
+    chance (1 / choices, averaged over questions), or the majority label's share where that is higher
+    (BoolQ: always "yes" is not knowing the answer). A method shows signal when its CI lies above the bar."""
     examples = [data.without_repeated_choices(ex) for ex in data.load_examples(dataset, "test", data_dir)]
     chance = sum(1 / len(ex.choices) for ex in examples) / len(examples)
-    doc["chance"] = chance
-    parts, at_chance = [], []
+    majority = torch.bincount(labels).max().item() / len(labels)
+    bar, name = (majority, "the majority label") if majority > chance + 0.02 else (chance, "chance")
+    doc["chance"], doc["majority"] = chance, majority
+    parts, above = [], []
     for method in ("zero-shot", "map"):
         if method in by_method:
             seeds = [r[1] for r in by_method[method]]
             acc = sum(accuracy(p, labels) for p in seeds) / len(seeds)
             lo, hi = bootstrap_ci(accuracy, seeds, labels)
-            at_chance.append(lo <= chance <= hi)
+            above.append(lo > bar)
             parts.append(f"{method} {100 * acc:.1f} % [{lo * 100:.1f}, {hi * 100:.1f}]"
-                         + (" (the CI includes chance)" if at_chance[-1] else ""))
-    verdict = " **No signal: the differences below measure nothing.**" if parts and all(at_chance) else ""
-    return f"Signal: chance {100 * chance:.1f} %; ACC with 95% bootstrap CI: " + "; ".join(parts) + "." + verdict
+                         + ("" if above[-1] else f" (not above {name})"))
+    verdict = " **No signal: the differences below measure nothing.**" if parts and not any(above) else ""
+    head = f"chance {100 * chance:.1f} %" + (f", majority label {100 * majority:.1f} %" if name != "chance" else "")
+    return f"Signal: {head}; ACC with 95% bootstrap CI: " + "; ".join(parts) + "." + verdict
 
 
 def _method_table(by_method: dict, methods, doc: dict) -> list[str]:

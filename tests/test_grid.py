@@ -205,10 +205,15 @@ def test_the_signal_line_says_when_no_method_is_above_chance():
     first[:, 0] = 1.0  # always the first choice: about chance
     right = torch.nn.functional.one_hot(labels, 5).float()
     chance_only = comparison._signal({"zero-shot": [(None, first)]}, labels, "arc-c", data_dir, {})
-    assert "(the CI includes chance)" in chance_only and "No signal" in chance_only
+    assert "(not above chance)" in chance_only and "No signal" in chance_only
     with_signal = comparison._signal({"zero-shot": [(None, first)], "map": [(None, right), (None, right)]},
                                      labels, "arc-c", data_dir, {})
     assert "map 100.0 %" in with_signal and "No signal" not in with_signal
+    # a two-way task with a 3:1 label imbalance: always the majority answer clears chance, not the bar
+    labels = torch.tensor([0, 0, 0, 1] * 100)
+    majority = torch.nn.functional.one_hot(torch.zeros_like(labels), 2).float()
+    line = comparison._signal({"zero-shot": [(None, majority)]}, labels, "boolq", data_dir, {})
+    assert "majority label 75.0 %" in line and "(not above the majority label)" in line and "No signal" in line
 
 
 def test_the_overfitting_grid_trains_each_epoch_count_once_on_the_same_seeded_subset():
