@@ -7,7 +7,8 @@ calibrated), a seeded 500-question subset of its train split, seed 0, MAP and Me
 and 8 epochs (``EPOCHS``, fixed before any run), each scored on the full test split; ``map-ts`` /
 ``melora-ts`` score the same runs again with one temperature fitted on the dev split. Nothing is
 chosen from the test numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``),
-resumable; writes ``results/overfitting_obqa.{md,json,png}``: ACC / ECE / NLL per epoch count and the
+resumable; finished cells are kept in ``results/overfitting_obqa_cells/`` (``grid.archive_cells``), and it
+writes ``results/overfitting_obqa.{md,json,png}``: ACC / ECE / NLL per epoch count and the
 95% paired-bootstrap CIs of Me-LoRA - MAP and Me-LoRA - MAP+TS at each.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from melora_pyro._atomic import atomic_write_text
-from melora_pyro.grid import Cell, GridError, cell_cost, is_done, read_cell, run_grid
+from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.metrics import METRICS, bootstrap_ci
 
 from .grids import temperature_cell, train_flags
@@ -42,13 +43,13 @@ def cells(data_dir: str) -> list[Cell]:
     return grid
 
 
-def report(grid: list[Cell], root: Path, out: Path) -> str:
+def report(grid: list[Cell], root: Path, out: Path, archive=None) -> str:
     results, doc, cpu = {}, {"cells": {}, "differences": {}}, 0.0
     for cell in grid:
-        if is_done(cell, root):
+        if is_done(cell, root, archive):
             method, epochs = cell.name.rsplit("-", 1)
-            results[(method, int(epochs[:-2]))] = read_cell(cell, root)
-            cpu += (cell_cost(cell, root) or {}).get("cpu_s", 0.0)
+            results[(method, int(epochs[:-2]))] = read_cell(cell, root, archive)
+            cpu += (cell_cost(cell, root, archive) or {}).get("cpu_s", 0.0)
     lines = [f"# Overfitting regime: OBQA, {TRAIN_LIMIT} training questions, 1-8 epochs (CPU profile, seed {SEED})",
              "", "Command: `python -m experiments.overfitting --data-dir ../shared/data`", "",
              f"SmolLM2-135M, `char` cloze scoring, a seeded {TRAIN_LIMIT}-question subset of the OBQA train split, "
@@ -83,7 +84,7 @@ def report(grid: list[Cell], root: Path, out: Path) -> str:
             lines.append(f"| {epochs} | {a} - {b} | " + " | ".join(row) + " |")
     lines += ["", f"Plot: `{out.name}.png`. Total CPU time of the cells (user + system): {cpu / 60:.1f} min.", "",
               "Each cell's command:", ""]
-    lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root)]
+    lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root, archive)]
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     atomic_write_text(out.with_suffix(".md"), text)
@@ -120,18 +121,21 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--root", default="runs/overfitting", help="where the run directories go")
     parser.add_argument("--out", default=f"results/overfitting_{DATASET}")
+    parser.add_argument("--archive", help="where finished cells are kept (default <out>_cells)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (the CPU threads are split)")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the cores / --jobs)")
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the cells run as subprocesses; the bootstrap is tiny ops
-    grid = cells(args.data_dir)
+    grid, archive = cells(args.data_dir), args.archive or f"{args.out}_cells"
     try:
-        status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs, threads=args.threads)
+        status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs, threads=args.threads,
+                                                      archive=archive)
     except GridError as e:  # another grid holds the root
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report(grid, Path(args.root), Path(args.out)))
+    archive_cells(grid, args.root, archive)  # what the table is rebuilt from when the run directories are gone
+    print(report(grid, Path(args.root), Path(args.out), archive))
     return 1 if any(v != "done" for v in status.values()) else 0
 
 
