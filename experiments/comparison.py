@@ -129,12 +129,14 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
 def _signal(by_method: dict, labels, dataset: str, data_dir: str, doc: dict) -> str:
     """One line: the bar an answer must clear and the 95% bootstrap CIs of zero-shot's and MAP's ACC
     (MAP's: the mean over its seeds), which say whether the setting carries signal at all. The bar is
-    chance (1 / choices, averaged over questions), or the majority label's share where that is higher
-    (BoolQ: always "yes" is not knowing the answer). A method shows signal when its CI lies above the bar."""
+    chance (1 / choices, averaged over questions), or, where every question offers the same choices
+    (BoolQ's "yes" / "no"), the share of the most frequent answer when that is higher: always "yes" is
+    not knowing the answer. A method shows signal when its CI lies above the bar."""
     examples = [data.without_repeated_choices(ex) for ex in data.load_examples(dataset, "test", data_dir)]
     chance = sum(1 / len(ex.choices) for ex in examples) / len(examples)
-    majority = torch.bincount(labels).max().item() / len(labels)
-    bar, name = (majority, "the majority label") if majority > chance + 0.02 else (chance, "chance")
+    fixed_choices = len({tuple(ex.choices) for ex in examples}) == 1
+    majority = torch.bincount(labels).max().item() / len(labels) if fixed_choices else chance
+    bar, name = (majority, "the majority label") if majority > chance else (chance, "chance")
     doc["chance"], doc["majority"] = chance, majority
     parts, above = [], []
     for method in ("zero-shot", "map"):
