@@ -31,7 +31,7 @@ from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done,
 from melora_pyro.metrics import METRICS, accuracy, bootstrap_ci
 from melora_pyro.plots import reliability_diagram
 
-from .grids import PROFILES, mean_std, temperature_cell, train_flags
+from .grids import PROFILES, difference_table, method_table, temperature_cell, train_flags
 
 METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "melora", "melora-ts")
 VARIANTS = ("melora-elementwise", "melora-diag", "melora-flipout", "blob-adamw")  # the ablation table
@@ -107,12 +107,12 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
                       "(and trains on the other 90%).", ""]
         if data_dir is not None:
             lines += [_signal(by_method, labels, dataset, data_dir, doc[dataset]), ""]
-        lines += _method_table(by_method, METHODS, doc[dataset])
-        lines += _difference_table(by_method, PAIRS, labels, doc[dataset])
+        lines += method_table(by_method, METHODS, doc[dataset])
+        lines += difference_table(by_method, PAIRS, labels, doc[dataset])
         if any(m in by_method for m in VARIANTS):
             lines += ["### Ablation: Me-LoRA and BLoB variants", ""]
-            lines += _method_table(by_method, ABLATION_ORDER, doc[dataset])
-            lines += _difference_table(by_method, ABLATION_PAIRS, labels, doc[dataset])
+            lines += method_table(by_method, ABLATION_ORDER, doc[dataset])
+            lines += difference_table(by_method, ABLATION_PAIRS, labels, doc[dataset])
         first = {m: (runs[0][1], labels) for m, runs in by_method.items() if m not in VARIANTS}
         reliability_diagram(first, out.parent / f"{out.name}_{dataset}.png", title=f"{dataset} test (first seed)")
         lines += ["", f"Reliability diagram (first seed of each method): `{out.name}_{dataset}.png`", ""]
@@ -150,45 +150,6 @@ def _signal(by_method: dict, labels, dataset: str, data_dir: str, doc: dict) -> 
     verdict = " **No signal: the differences below measure nothing.**" if parts and not any(above) else ""
     head = f"chance {100 * chance:.1f} %" + (f", majority label {100 * majority:.1f} %" if name != "chance" else "")
     return f"Signal: {head}; ACC with 95% bootstrap CI: " + "; ".join(parts) + "." + verdict
-
-
-def _method_table(by_method: dict, methods, doc: dict) -> list[str]:
-    """Mean ± std over seeds of each of ``methods`` present in ``by_method``."""
-    lines = ["| method | seeds | ACC ↑ | ECE ↓ | NLL ↓ | Brier ↓ |", "|---|---|---|---|---|---|"]
-    for method in methods:
-        runs = by_method.get(method)
-        if not runs:
-            continue
-        values = {k: [r[3][k] for r in runs] for k in METRICS}
-        doc[method] = {"runs": [r[0].name for r in runs], **values, "temperature": [r[3].get("temperature") for r in runs]}
-        lines.append(f"| {method} | {len(runs)} | " + " | ".join(mean_std(values[k]) for k in METRICS) + " |")
-    return lines + [""]
-
-
-def _difference_table(by_method: dict, pairs, labels, doc: dict) -> list[str]:
-    """Seed-mean ``a - b`` with 95% paired-bootstrap CIs over the seeds both have, for each pair present."""
-    lines = ["Seed-mean differences on the same questions, 95% paired-bootstrap CIs (seeds present in "
-             "both methods); a CI that excludes 0 resolves the difference.", "",
-             "| difference | seeds | " + " | ".join(f"Δ {k.upper()}" for k in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
-    for a, b in pairs:
-        if a not in by_method or b not in by_method:
-            continue
-        seeds_a = {r[0].name.rsplit("-s", 1)[-1]: r[1] for r in by_method[a]}
-        seeds_b = {r[0].name.rsplit("-s", 1)[-1]: r[1] for r in by_method[b]}
-        common = sorted(set(seeds_a) & set(seeds_b)) if b != "zero-shot" else sorted(seeds_a)
-        if not common:
-            continue
-        pa = [seeds_a[s] for s in common]
-        pb = [seeds_b[s] for s in common] if b != "zero-shot" else [by_method[b][0][1]] * len(common)
-        cells = []
-        for key, metric in METRICS.items():
-            diff = sum(metric(x, labels) - metric(y, labels) for x, y in zip(pa, pb)) / len(pa)
-            lo, hi = bootstrap_ci(metric, pa, labels, pb)
-            cells.append(f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-            doc.setdefault("differences", {})[f"{a} - {b} {key}"] = [diff, lo, hi]
-        lines.append(f"| {a} - {b} | {len(common)} | " + " | ".join(cells) + " |")
-    return lines + [""]
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ import math
 import statistics
 
 from melora_pyro import data
+from melora_pyro.metrics import METRICS, bootstrap_ci
 from melora_pyro.grid import Cell
 
 _COMMON = ("--target-modules", "q_proj", "v_proj", "lm_head", "--rank", "8", "--alpha", "16", "--lr", "3e-4",
@@ -51,8 +52,50 @@ def temperature_cell(trained: Cell, name: str) -> Cell:
     return Cell(name, trained.flags, run=trained.run_name, evaluate=("--temperature-scale",))
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 4) -> str:
     """``mean ± std`` over seeds (std of the sample; just the value for one seed)."""
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def method_table(by_method: dict, methods, doc: dict) -> list[str]:
+    """Mean ± std over seeds of each of ``methods`` present in ``by_method`` (``{method: [(cell, probs,
+    labels, metrics), ...]}``, one entry per seed), and of the fitted temperature where there is one."""
+    lines = ["| method | seeds | ACC ↑ | ECE ↓ | NLL ↓ | Brier ↓ | temperature |", "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        runs = by_method.get(method)
+        if not runs:
+            continue
+        values = {k: [r[3][k] for r in runs] for k in METRICS}
+        temperatures = [r[3].get("temperature") for r in runs]
+        doc[method] = {"runs": [r[0].name for r in runs], **values, "temperature": temperatures}
+        fitted = mean_std(temperatures, 2) if None not in temperatures else ""
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(mean_std(values[k]) for k in METRICS) + f" | {fitted} |")
+    return lines + [""]
+
+
+def difference_table(by_method: dict, pairs, labels, doc: dict) -> list[str]:
+    """Seed-mean ``a - b`` with 95% paired-bootstrap CIs over the seeds both have, for each pair present."""
+    lines = ["Seed-mean differences on the same questions, 95% paired-bootstrap CIs (seeds present in "
+             "both methods); a CI that excludes 0 resolves the difference.", "",
+             "| difference | seeds | " + " | ".join(f"Δ {k.upper()}" for k in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for a, b in pairs:
+        if a not in by_method or b not in by_method:
+            continue
+        seeds_a = {r[0].name.rsplit("-s", 1)[-1]: r[1] for r in by_method[a]}
+        seeds_b = {r[0].name.rsplit("-s", 1)[-1]: r[1] for r in by_method[b]}
+        common = sorted(set(seeds_a) & set(seeds_b)) if b != "zero-shot" else sorted(seeds_a)
+        if not common:
+            continue
+        pa = [seeds_a[s] for s in common]
+        pb = [seeds_b[s] for s in common] if b != "zero-shot" else [by_method[b][0][1]] * len(common)
+        cells = []
+        for key, metric in METRICS.items():
+            diff = sum(metric(x, labels) - metric(y, labels) for x, y in zip(pa, pb)) / len(pa)
+            lo, hi = bootstrap_ci(metric, pa, labels, pb)
+            cells.append(f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+            doc.setdefault("differences", {})[f"{a} - {b} {key}"] = [diff, lo, hi]
+        lines.append(f"| {a} - {b} | {len(common)} | " + " | ".join(cells) + " |")
+    return lines + [""]

@@ -1,20 +1,23 @@
 """The regime where point estimates overfit (BLoB's: a small training set, many epochs), CPU profile.
 
-    python -m experiments.overfitting --data-dir ../shared/data [--root runs/overfitting] [--jobs 1]
+    python -m experiments.overfitting --data-dir ../shared/data [--seeds 0 1 2] [--root runs/overfitting]
 
 OpenBookQA (``char`` cloze scoring, the dataset with signal whose zero-shot model is already near
-calibrated), a seeded 500-question subset of its train split, seed 0, MAP and Me-LoRA trained for 1, 2, 4
-and 8 epochs (``EPOCHS``, fixed before any run), each scored on the full test split; ``map-ts`` /
-``melora-ts`` score the same runs again with one temperature fitted on the dev split. Nothing is
-chosen from the test numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``),
-resumable; finished cells are kept in ``results/overfitting_obqa_cells/`` (``grid.archive_cells``), and it
-writes ``results/overfitting_obqa.{md,json,png}``: ACC / ECE / NLL per epoch count and the
-95% paired-bootstrap CIs of Me-LoRA - MAP and Me-LoRA - MAP+TS at each.
+calibrated), a 500-question subset of its train split (drawn with the run's seed, so each seed trains on
+its own subset, the same for MAP and Me-LoRA), MAP and Me-LoRA trained for 1, 2, 4 and 8 epochs
+(``EPOCHS``, fixed before any run), each scored on the full test split; ``map-ts`` / ``melora-ts`` score
+the same runs again with one temperature fitted on the dev split. Nothing is chosen from the test
+numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), resumable; finished cells are
+kept in ``results/overfitting_obqa_cells/`` (``grid.archive_cells``), and it writes
+``results/overfitting_obqa.{md,json,png}``: per epoch count, ACC / ECE / NLL as mean ± std over the seeds
+and the 95% paired-bootstrap CIs of the seed-mean differences Me-LoRA - MAP and Me-LoRA - MAP+TS.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,78 +27,71 @@ from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.metrics import METRICS, bootstrap_ci
 
-from .grids import temperature_cell, train_flags
+from .grids import BATCH_SIZE, difference_table, method_table, temperature_cell, train_flags
 
-DATASET, TRAIN_LIMIT, SEED = "obqa", 500, 0
+DATASET, TRAIN_LIMIT = "obqa", 500
 EPOCHS = (1, 2, 4, 8)
+ALL_SEEDS = (0, 1, 2)
 METHODS = ("map", "map-ts", "melora", "melora-ts")
 PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"))
 
 
-def cells(data_dir: str) -> list[Cell]:
-    """Per epoch count: the MAP and Me-LoRA runs, then their temperature-scaled scorings."""
+def cells(data_dir: str, seeds=(0,)) -> list[Cell]:
+    """Per seed and epoch count: the MAP and Me-LoRA runs, then their temperature-scaled scorings
+    (cells ``<method>-<epochs>ep-s<seed>``)."""
     grid = []
-    for epochs in EPOCHS:
-        for method in ("map", "melora"):
-            trained = Cell(f"{method}-{epochs}ep", train_flags(method, DATASET, data_dir, epochs, seed=SEED,
-                                                             train_limit=TRAIN_LIMIT))
-            grid += [trained, temperature_cell(trained, f"{method}-ts-{epochs}ep")]
+    for seed in seeds:
+        for epochs in EPOCHS:
+            for method in ("map", "melora"):
+                trained = Cell(f"{method}-{epochs}ep-s{seed}", train_flags(method, DATASET, data_dir, epochs,
+                                                                         seed=seed, train_limit=TRAIN_LIMIT))
+                grid += [trained, temperature_cell(trained, f"{method}-ts-{epochs}ep-s{seed}")]
     return grid
 
 
 def report(grid: list[Cell], root: Path, out: Path, archive=None) -> str:
-    results, doc, cpu = {}, {"cells": {}, "differences": {}}, 0.0
+    """Write ``out.{md,json,png}`` from the done cells of ``grid``: one section per epoch count."""
+    by_epochs: dict[int, dict[str, list]] = {e: {} for e in EPOCHS}
+    cpu, seeds = 0.0, set()
     for cell in grid:
         if is_done(cell, root, archive):
-            method, epochs = cell.name.rsplit("-", 1)
-            results[(method, int(epochs[:-2]))] = read_cell(cell, root, archive)
+            method, epochs, seed = cell.name.rsplit("-", 2)
+            probs, labels, metrics = read_cell(cell, root, archive)
+            by_epochs[int(epochs[:-2])].setdefault(method, []).append((cell, probs, labels, metrics))
             cpu += (cell_cost(cell, root, archive) or {}).get("cpu_s", 0.0)
-    lines = [f"# Overfitting regime: OBQA, {TRAIN_LIMIT} training questions, 1-8 epochs (CPU profile, seed {SEED})",
-             "", "Command: `python -m experiments.overfitting --data-dir ../shared/data`", "",
-             f"SmolLM2-135M, `char` cloze scoring, a seeded {TRAIN_LIMIT}-question subset of the OBQA train split, "
-             "the profile of the comparison otherwise (top-2 layers + lm_head over the prefix cache, lr 3e-4, "
-             "batch 8); the epoch counts were fixed before any run. Test: the full split (500 questions); "
-             "temperatures (-ts) fitted on the dev split.", "",
-             "| epochs | method | ACC | ECE | NLL | temperature |", "|---|---|---|---|---|---|"]
-    for epochs in EPOCHS:
-        for method in METHODS:
-            if (method, epochs) not in results:
-                continue
-            probs, labels, metrics = results[(method, epochs)]
-            doc["cells"][f"{method}-{epochs}ep"] = metrics
-            t = f"{metrics['temperature']:.2f}" if "temperature" in metrics else ""
-            lines.append(f"| {epochs} | {method} | {metrics['acc']:.4f} | {metrics['ece']:.4f} | "
-                         f"{metrics['nll']:.4f} | {t} |")
-    lines += ["", "Paired differences on the same test questions, 95% bootstrap CIs (a CI that excludes 0 "
-              "resolves the difference):", "", "| epochs | difference | " +
-              " | ".join(f"Δ {k.upper()}" for k in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    for epochs in EPOCHS:
-        for a, b in PAIRS:
-            if (a, epochs) not in results or (b, epochs) not in results:
-                continue
-            pa, labels, _ = results[(a, epochs)]
-            pb = results[(b, epochs)][0]
-            row = []
-            for key, metric in METRICS.items():
-                diff = metric(pa, labels) - metric(pb, labels)
-                lo, hi = bootstrap_ci(metric, pa, labels, pb)
-                row.append(f"{diff:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-                doc["differences"][f"{epochs}ep {a} - {b} {key}"] = [diff, lo, hi]
-            lines.append(f"| {epochs} | {a} - {b} | " + " | ".join(row) + " |")
-    lines += ["", f"Plot: `{out.name}.png`. Total CPU time of the cells (user + system): {cpu / 60:.1f} min.", "",
-              "Each cell's command:", ""]
+            seeds.add(int(seed[1:]))
+    lines = [f"# Overfitting regime: OBQA, {TRAIN_LIMIT} training questions, 1-8 epochs (CPU profile, "
+             f"seeds {', '.join(map(str, sorted(seeds)))})", "",
+             "Command: `python -m experiments.overfitting --data-dir ../shared/data --seeds "
+             f"{' '.join(map(str, sorted(seeds)))}`", "",
+             f"SmolLM2-135M, `char` cloze scoring, a {TRAIN_LIMIT}-question subset of the OBQA train split drawn "
+             "with each run's seed (MAP and Me-LoRA of a seed train on the same one), the profile of the "
+             "comparison otherwise (top-2 layers + lm_head over the prefix cache, lr 3e-4, batch 8); the epoch "
+             "counts were fixed before any run. Test: the full split (500 questions); temperatures (-ts) fitted "
+             "on the dev split. Mean ± std over the seeds.", ""]
+    doc = {}
+    for epochs, by_method in by_epochs.items():
+        if not by_method:
+            continue
+        labels = next(iter(by_method.values()))[0][2]
+        doc[f"{epochs}ep"] = {}
+        lines += [f"## {epochs} epoch{'s' * (epochs > 1)} ({math.ceil(TRAIN_LIMIT * epochs / BATCH_SIZE)} steps)", ""]
+        lines += method_table(by_method, METHODS, doc[f"{epochs}ep"])
+        lines += difference_table(by_method, PAIRS, labels, doc[f"{epochs}ep"])
+    lines += [f"Plot: `{out.name}.png` (mean over seeds, bars: ± std). Total CPU time of the cells "
+              f"(user + system): {cpu / 60:.1f} min.", "", "Each cell's command:", ""]
     lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root, archive)]
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
     atomic_write_text(out.with_suffix(".md"), text)
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
-    if results:
-        _plot(results, out.with_suffix(".png"))
+    if any(by_epochs.values()):
+        _plot(by_epochs, out.with_suffix(".png"))
     return text
 
 
-def _plot(results: dict, path: Path) -> None:
-    """ACC, ECE and NLL against epochs, one line per method."""
+def _plot(by_epochs: dict, path: Path) -> None:
+    """ACC, ECE and NLL against epochs, one line per method: the mean over seeds, bars ± their std."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -103,9 +99,11 @@ def _plot(results: dict, path: Path) -> None:
     for i, key in enumerate(("acc", "ece", "nll")):
         ax = figure.add_subplot(1, 3, i + 1)
         for method in METHODS:
-            points = [(e, results[(method, e)][2][key]) for e in EPOCHS if (method, e) in results]
+            points = [(e, [r[3][key] for r in by_epochs[e][method]]) for e in EPOCHS if method in by_epochs[e]]
             if points:
-                ax.plot(*zip(*points), marker="o", label=method, linestyle="--" if method.endswith("-ts") else "-")
+                ax.errorbar([e for e, _ in points], [statistics.mean(v) for _, v in points],
+                            yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], marker="o",
+                            capsize=3, label=method, linestyle="--" if method.endswith("-ts") else "-")
         ax.set_xscale("log", base=2)
         ax.set_xticks(EPOCHS, [str(e) for e in EPOCHS])
         ax.set_xlabel("epochs")
@@ -119,6 +117,7 @@ def _plot(results: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--root", default="runs/overfitting", help="where the run directories go")
     parser.add_argument("--out", default=f"results/overfitting_{DATASET}")
     parser.add_argument("--archive", help="where finished cells are kept (default <out>_cells)")
@@ -127,15 +126,16 @@ def main(argv=None) -> int:
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the cells run as subprocesses; the bootstrap is tiny ops
-    grid, archive = cells(args.data_dir), args.archive or f"{args.out}_cells"
+    grid, archive = cells(args.data_dir, args.seeds), args.archive or f"{args.out}_cells"
     try:
         status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs, threads=args.threads,
                                                       archive=archive)
     except GridError as e:  # another grid holds the root
         print(f"error: {e}", file=sys.stderr)
         return 2
-    archive_cells(grid, args.root, archive)  # what the table is rebuilt from when the run directories are gone
-    print(report(grid, Path(args.root), Path(args.out), archive))
+    every = cells(args.data_dir, ALL_SEEDS)  # the table shows every seed finished, whichever this call ran
+    archive_cells(every, args.root, archive)  # what the table is rebuilt from when the run directories are gone
+    print(report(every, Path(args.root), Path(args.out), archive))
     return 1 if any(v != "done" for v in status.values()) else 0
 
 

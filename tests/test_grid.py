@@ -216,16 +216,18 @@ def test_the_signal_line_says_when_no_method_is_above_chance():
     assert "majority label 75.0 %" in line and "(not above the majority label)" in line and "No signal" in line
 
 
-def test_the_overfitting_grid_trains_each_epoch_count_once_on_the_same_seeded_subset():
+def test_the_overfitting_grid_trains_each_epoch_count_and_seed_once_on_that_seed_s_subset():
     from experiments import overfitting
 
     from .conftest import SHARED_DIR
-    grid = {c.name: c for c in overfitting.cells(str(SHARED_DIR / "data"))}
-    assert set(grid) == {f"{m}-{e}ep" for m in overfitting.METHODS for e in overfitting.EPOCHS}
-    for epochs in overfitting.EPOCHS:
-        flags = grid[f"melora-{epochs}ep"].flags
-        assert flags[flags.index("--train-limit") + 1] == "500" and flags[flags.index("--seed") + 1] == "0"
-        assert int(flags[flags.index("--steps") + 1]) == -(-500 * epochs // 8)  # whole passes over the subset
-        for method in ("map", "melora"):  # the temperature re-scores the run, it does not train again
-            assert grid[f"{method}-ts-{epochs}ep"].run_name == f"{method}-{epochs}ep"
-            assert grid[f"{method}-ts-{epochs}ep"].evaluate == ("--temperature-scale",)
+    grid = {c.name: c for c in overfitting.cells(str(SHARED_DIR / "data"), seeds=(0, 2))}
+    assert set(grid) == {f"{m}-{e}ep-s{s}" for m in overfitting.METHODS for e in overfitting.EPOCHS for s in (0, 2)}
+    for seed in (0, 2):
+        for epochs in overfitting.EPOCHS:
+            flags = grid[f"melora-{epochs}ep-s{seed}"].flags
+            assert flags[flags.index("--train-limit") + 1] == "500" and flags[flags.index("--seed") + 1] == str(seed)
+            assert int(flags[flags.index("--steps") + 1]) == -(-500 * epochs // 8)  # whole passes over the subset
+            for method in ("map", "melora"):  # the temperature re-scores the run, it does not train again
+                scaled = grid[f"{method}-ts-{epochs}ep-s{seed}"]
+                assert scaled.run_name == f"{method}-{epochs}ep-s{seed}"
+                assert scaled.evaluate == ("--temperature-scale",)
