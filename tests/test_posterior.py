@@ -70,11 +70,13 @@ def test_default_training_reaches_the_known_gaussian_optimum():
     examples, 300 steps): M within 10% (Frobenius) of the exact posterior mean, the median and 10/90%
     quantiles of Omega within 15% of the optimum's (the issue asks 10%), every entry within 50%.
 
-    Why 15%: constant-rate Adam on single-draw gradients leaves log Omega fluctuating about the optimum.
-    Measured (2026-12-02, 4 problem seeds): largest quantile error 13-17% at the defaults; mean
-    |log(Omega / Omega_opt)| per entry 0.115 at the defaults, 0.16 after 1,000 steps, 0.06 only with
-    full batches, guide rates 2e-3 / 1e-2 and 3,000 steps. Closing that gap means a decaying or averaged
-    guide rate by default, which changes every archived comparison cell."""
+    Why 15%, and only this problem: single-draw gradients leave log Omega fluctuating about the optimum,
+    and at a constant rate the fluctuation also biases it (the gradient in log Omega is convex in it).
+    ``python -m experiments.known_optimum`` (results/known_optimum.md, 6 problem seeds): at the defaults
+    the largest quantile error is 0.11-0.33 (0.136 here), and more constant-rate steps do not help
+    (3,000: 0.14-0.33); only a decaying rate with a larger budget gets within 10% (linear decay over
+    3,000 steps: 0.03-0.09, :func:`test_annealed_training_reaches_the_known_optimum_within_10_percent`).
+    Linear decay over the 300 default steps is worse (0.10-0.45): the rates fall before M converges."""
     pyro.set_rng_seed(0)
     model, X, y = _problem()
     M_opt, omega_opt = model.optimum(X, y)
@@ -89,6 +91,25 @@ def test_default_training_reaches_the_known_gaussian_optimum():
     assert torch.all((found / wanted - 1).abs() < 0.15), (found, wanted)
     assert torch.all((omega / omega_opt - 1).abs() < 0.5), omega / omega_opt
     assert history[-1]["omega_median"] == pytest.approx(omega.median().item(), rel=0.5)  # the logged statistics
+
+
+@pytest.mark.slow  # two trainings of 3,000 steps: about 20 s
+@pytest.mark.parametrize("seed", [0, 1])
+def test_annealed_training_reaches_the_known_optimum_within_10_percent(seed):
+    """The issue's 10%, where the study (experiments.known_optimum) finds it reachable: the default guide,
+    ELBO and rates with the learning rates decayed linearly to 0 over 3,000 steps."""
+    pyro.set_rng_seed(0)
+    model, X, y = _problem(seed)
+    M_opt, omega_opt = model.optimum(X, y)
+    guide = MeanFieldGuide(model)
+    train(model, guide, list(zip(X, y)), lambda b: {"input_ids": torch.stack([x for x, _ in b]),
+                                                   "labels": torch.stack([t for _, t in b])},
+          TrainConfig(steps=3000, lr_schedule="linear"), progress=False)
+    M, omega = guide.loc.detach()[0], guide.scale.detach()[0]
+    assert (M - M_opt).norm() / M_opt.norm() < 0.1
+    q = torch.tensor([0.1, 0.5, 0.9])
+    found, wanted = torch.quantile(omega.flatten(), q), torch.quantile(omega_opt.flatten(), q)
+    assert torch.all((found / wanted - 1).abs() < 0.1), (found, wanted)
 
 
 def test_guide_groups_have_their_own_rates_and_zero_freezes():
