@@ -28,10 +28,9 @@ import torch
 from melora_pyro import data
 from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
-from melora_pyro.metrics import METRICS, accuracy, bootstrap_ci
 from melora_pyro.plots import reliability_diagram
 
-from .grids import PROFILES, difference_table, method_table, temperature_cell, train_flags
+from .grids import PROFILES, difference_table, method_table, signal_line, temperature_cell, train_flags
 
 METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "melora", "melora-ts")
 VARIANTS = ("melora-elementwise", "melora-diag", "melora-flipout", "blob-adamw")  # the ablation table
@@ -106,7 +105,7 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
             lines += [f"{dataset} has no dev split: map-ts fits its temperature on a seeded 10% hold-out of train "
                       "(and trains on the other 90%).", ""]
         if data_dir is not None:
-            lines += [_signal(by_method, labels, dataset, data_dir, doc[dataset]), ""]
+            lines += [signal_line(by_method, labels, dataset, data_dir, doc[dataset]), ""]
         lines += method_table(by_method, METHODS, doc[dataset])
         lines += difference_table(by_method, PAIRS, labels, doc[dataset])
         if any(m in by_method for m in VARIANTS):
@@ -124,32 +123,6 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
     atomic_write_text(out.with_suffix(".md"), text)
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
     return text
-
-
-def _signal(by_method: dict, labels, dataset: str, data_dir: str, doc: dict) -> str:
-    """One line: the bar an answer must clear and the 95% bootstrap CIs of zero-shot's and MAP's ACC
-    (MAP's: the mean over its seeds), which say whether the setting carries signal at all. The bar is
-    chance (1 / choices, averaged over questions), or, where every question offers the same choices
-    (BoolQ's "yes" / "no"), the share of the most frequent answer when that is higher: always "yes" is
-    not knowing the answer. A method shows signal when its CI lies above the bar."""
-    examples = [data.without_repeated_choices(ex) for ex in data.load_examples(dataset, "test", data_dir)]
-    chance = sum(1 / len(ex.choices) for ex in examples) / len(examples)
-    fixed_choices = len({tuple(ex.choices) for ex in examples}) == 1
-    majority = torch.bincount(labels).max().item() / len(labels) if fixed_choices else chance
-    bar, name = (majority, "the majority label") if majority > chance else (chance, "chance")
-    doc["chance"], doc["majority"] = chance, majority
-    parts, above = [], []
-    for method in ("zero-shot", "map"):
-        if method in by_method:
-            seeds = [r[1] for r in by_method[method]]
-            acc = sum(accuracy(p, labels) for p in seeds) / len(seeds)
-            lo, hi = bootstrap_ci(accuracy, seeds, labels)
-            above.append(lo > bar)
-            parts.append(f"{method} {100 * acc:.1f} % [{lo * 100:.1f}, {hi * 100:.1f}]"
-                         + ("" if above[-1] else f" (not above {name})"))
-    verdict = " **No signal: the differences below measure nothing.**" if parts and not any(above) else ""
-    head = f"chance {100 * chance:.1f} %" + (f", majority label {100 * majority:.1f} %" if name != "chance" else "")
-    return f"Signal: {head}; ACC with 95% bootstrap CI: " + "; ".join(parts) + "." + verdict
 
 
 def main(argv=None) -> int:

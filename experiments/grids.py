@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import statistics
 
+import torch
+
 from melora_pyro import data
-from melora_pyro.metrics import METRICS, bootstrap_ci
+from melora_pyro.metrics import METRICS, accuracy, bootstrap_ci
 from melora_pyro.grid import Cell
 
 _COMMON = ("--target-modules", "q_proj", "v_proj", "lm_head", "--rank", "8", "--alpha", "16", "--lr", "3e-4",
@@ -99,3 +101,29 @@ def difference_table(by_method: dict, pairs, labels, doc: dict) -> list[str]:
             doc.setdefault("differences", {})[f"{a} - {b} {key}"] = [diff, lo, hi]
         lines.append(f"| {a} - {b} | {len(common)} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def signal_line(by_method: dict, labels, dataset: str, data_dir: str, doc: dict) -> str:
+    """One line: the bar an answer must clear and the 95% bootstrap CIs of zero-shot's and MAP's ACC
+    (MAP's: the mean over its seeds), which say whether the setting carries signal at all. The bar is
+    chance (1 / choices, averaged over questions), or, where every question offers the same choices
+    (BoolQ's "yes" / "no"), the share of the most frequent answer when that is higher: always "yes" is
+    not knowing the answer. A method shows signal when its CI lies above the bar."""
+    examples = [data.without_repeated_choices(ex) for ex in data.load_examples(dataset, "test", data_dir)]
+    chance = sum(1 / len(ex.choices) for ex in examples) / len(examples)
+    fixed_choices = len({tuple(ex.choices) for ex in examples}) == 1
+    majority = torch.bincount(labels).max().item() / len(labels) if fixed_choices else chance
+    bar, name = (majority, "the majority label") if majority > chance else (chance, "chance")
+    doc["chance"], doc["majority"] = chance, majority
+    parts, above = [], []
+    for method in ("zero-shot", "map"):
+        if method in by_method:
+            seeds = [r[1] for r in by_method[method]]
+            acc = sum(accuracy(p, labels) for p in seeds) / len(seeds)
+            lo, hi = bootstrap_ci(accuracy, seeds, labels)
+            above.append(lo > bar)
+            parts.append(f"{method} {100 * acc:.1f} % [{lo * 100:.1f}, {hi * 100:.1f}]"
+                         + ("" if above[-1] else f" (not above {name})"))
+    verdict = " **No signal: the differences below measure nothing.**" if parts and not any(above) else ""
+    head = f"chance {100 * chance:.1f} %" + (f", majority label {100 * majority:.1f} %" if name != "chance" else "")
+    return f"Signal: {head}; ACC with 95% bootstrap CI: " + "; ".join(parts) + "." + verdict

@@ -1,6 +1,6 @@
 """Adapter training state per method: counted, and measured after one optimiser step.
 
-    python -m experiments.memory --profile cpu-small
+    python -m experiments.memory [--model smollm2-135m] [--rank 8] [--alpha 16] [--methods ...] [--out results/memory]
 
 For every method and two target sets (``q_proj+v_proj``, and ``+lm_head`` as in BLoB's protocol):
 
@@ -15,19 +15,22 @@ For every method and two target sets (``q_proj+v_proj``, and ``+lm_head`` as in 
 """
 from __future__ import annotations
 
+import argparse
+import json
+import shlex
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from melora_pyro._atomic import atomic_write_text
 from melora_pyro.config import MeLoRAConfig
 from melora_pyro.methods import METHODS, build_method
 from melora_pyro.models import load_base_model
 from melora_pyro.train import ELBOModule, TrainConfig, make_optimizer
 
-from . import common
-
-NAME = "memory"
 TARGETS = {"q_proj+v_proj": ("q_proj", "v_proj"), "q_proj+v_proj+lm_head": ("q_proj", "v_proj", "lm_head")}
 LABEL_IDS = [330, 389, 340, 422, 469]  # any distinct ids below both vocabularies (the state does not depend on them)
 
@@ -70,17 +73,20 @@ def measured_state_bytes(method, num_data: int = 4) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-    args = common.parser(__doc__.splitlines()[0], METHODS, (), NAME).parse_args(argv)
-    profile = common.profile_from_args(args)
-    print(profile.describe(), flush=True)
-    results = common.Results(args.out or f"results/{NAME}_{profile.name}", NAME, profile,
-                             common.command_line(f"experiments.{NAME}"), resume=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="the base model measured at its own shapes")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    parser.add_argument("--out", default="results/memory", help="writes <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+    command = "python -m experiments.memory" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     rows = {}
     for target_name, targets in TARGETS.items():
-        config = MeLoRAConfig(rank=profile.rank, alpha=profile.alpha, target_modules=targets)
+        config = MeLoRAConfig(rank=args.rank, alpha=args.alpha, target_modules=targets)
         for name in args.methods:
             start = time.time()
-            smol = build_method(name, lambda: load_base_model(profile.model)[0], config, LABEL_IDS)
+            smol = build_method(name, lambda: load_base_model(args.model)[0], config, LABEL_IDS)
             row = {"smollm2_counted": smol.adapter_state(), "smollm2_measured": measured_state_bytes(smol)}
             del smol
             row["llama7b_counted"] = build_method(name, meta_llama7b, config, LABEL_IDS).adapter_state()
@@ -91,17 +97,18 @@ def main(argv=None) -> int:
                 del small
             rows[f"{target_name}/{name}"] = row
             print(f"{target_name} {name}: {row} ({time.time() - start:.0f}s)", flush=True)
-            results.add(f"{target_name}/{name}", row)
-    lines = render(results, rows, args.methods)
-    common.write_markdown(results, lines)
+    lines = render(rows, args, command)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"command": command, "rows": rows}, indent=1))
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return 0
 
 
-def render(results, rows: dict, methods) -> list[str]:
-    doc = results.doc
-    lines = ["# Adapter training state per method", "", f"Profile: {doc['profile_description']} "
-             "(only rank, alpha and the base model are used here).", "", f"Command: `{doc['command']}`", "",
+def render(rows: dict, args, command: str) -> list[str]:
+    lines = ["# Adapter training state per method", "", f"Model {args.model}, r = {args.rank}, alpha = {args.alpha:g}.",
+             "", f"Command: `{command}`", "",
              "Counted: trainable numbers (`method.adapter_state()`). Measured: bytes of trainable parameters + "
              "gradients + AdamW moments after one step of the shared loop (summed over an ensemble's members). "
              "LLaMA-7B counts use the meta device (32 layers); LLaMA-7B bytes are measured on a real 2-layer "
@@ -113,7 +120,7 @@ def render(results, rows: dict, methods) -> list[str]:
                   "| method | SmolLM2 counted | SmolLM2 measured (bytes) | LLaMA-7B counted | ratio to BLoB (7B counted)"
                   + (" | LLaMA-7B measured per layer (bytes) | ratio to BLoB (7B measured) |" if target_name == "q_proj+v_proj" else " |"),
                   "|---|---|---|---|---|" + ("---|---|" if target_name == "q_proj+v_proj" else "")]
-        for name in methods:
+        for name in args.methods:
             row = rows.get(f"{target_name}/{name}")
             if row is None:
                 continue

@@ -25,7 +25,6 @@ import torch
 
 from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
-from melora_pyro.metrics import METRICS, bootstrap_ci
 
 from .grids import BATCH_SIZE, difference_table, method_table, temperature_cell, train_flags
 

@@ -36,8 +36,8 @@ DEMO_TRAIN = dict(steps=75, batch_size=8, lr=3e-4, log_every=25)
 DEMO_TARGETS = ("q_proj", "v_proj", "lm_head")  # BLoB's recipe (DESIGN.md section 5)
 DEMO_METHODS = ("zero-shot", "map", "map-ts", "melora")
 DEMO_PAIRS = (("melora", "map"), ("melora", "map-ts"), ("map", "zero-shot"))
-_EVALUATE_FIELDS = ("data_dir", "eval_split", "eval_limit", "eval_samples", "eval_batch_size", "device",
-                    "trust_remote_code")
+_EVALUATE_FIELDS = ("data_dir", "eval_split", "eval_dataset", "eval_limit", "eval_samples", "eval_batch_size",
+                    "normalization", "device", "trust_remote_code")
 _PATH_FIELDS = ("model", "data_dir")  # stored absolute: a run directory is read from anywhere
 _PEFT_SHAPE = ("adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.dropout")
 
@@ -220,7 +220,7 @@ def _choices() -> dict:
     from .data import DATASETS
     from .methods import METHODS
 
-    return {"method": METHODS, "dataset": sorted(DATASETS)}
+    return {"method": METHODS, "dataset": sorted(DATASETS), "eval_dataset": sorted(DATASETS)}
 
 
 def _settings(args, base: RunSettings | None = None, method: str | None = None, saved: bool = False) -> RunSettings:

@@ -13,8 +13,9 @@ The run directories are scratch (checkpoints, caches); ``archive_cells`` keeps e
 also look there, so a table survives its run directories and a later session only runs missing cells.
 
 A cell that shares ``run`` with another reuses its training (the same flags must give the same run: the
-first cell trains it); its ``evaluate`` flags score it again (e.g. with a fitted temperature) into an
-``eval-<split>-<time>.json`` of its own. Every cell's ``command`` is the shell line that reproduces it.
+first cell trains it); its ``evaluate`` flags score it again (e.g. with a fitted temperature, or on
+another dataset's test split with ``--eval-dataset``) into an ``eval-<split>-<time>.json`` of its own.
+Every cell's ``command`` is the shell line that reproduces it.
 Parallel cells split the CPU threads between them (``OMP_NUM_THREADS``); on 2 cores two one-thread runs
 take as long as the same two runs one after the other with two threads each (measured), so ``jobs`` is
 for machines with cores to spare, or for keeping two grids moving at once.
@@ -220,12 +221,23 @@ def _result_file(cell: Cell, root) -> Path:
         if not (_trained(run_dir) and _predictions_file(path).is_file()):
             raise GridError(f"{cell.name}: no results in {run_dir}")
         return path
-    wanted = "temperature" if "--temperature-scale" in cell.evaluate else None
+    scaled = "--temperature-scale" in cell.evaluate
+    dataset = _flag(cell.evaluate, "--eval-dataset") or _flag(cell.flags, "--dataset")
     found = [p for p in sorted(run_dir.glob("eval-*.json")) if _predictions_file(p).is_file()
-             and (wanted is None) != (wanted in json.loads(p.read_text()))]
+             and _evaluates(json.loads(p.read_text()), dataset, scaled)]
     if not found:
         raise GridError(f"{cell.name}: no evaluation in {run_dir}")
     return found[-1]
+
+
+def _flag(flags: tuple[str, ...], name: str) -> str | None:
+    """The value after ``name`` in ``flags`` (None if absent)."""
+    return flags[flags.index(name) + 1] if name in flags else None
+
+
+def _evaluates(metrics: dict, dataset: str | None, scaled: bool) -> bool:
+    """Whether an ``evaluate`` result scored ``dataset`` (any, if None), temperature-scaled or not."""
+    return ("temperature" in metrics) == scaled and dataset in (None, metrics.get("dataset"))
 
 
 def read_cell(cell: Cell, root, archive=None):

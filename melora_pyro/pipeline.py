@@ -57,10 +57,11 @@ class Task:
             batch = pack_batch([self.pack(ex) for ex in examples], self.num_labels, _pad_id(self.tokenizer))
         return {key: value.to(self.device) for key, value in batch.items()}
 
-    def pack(self, example) -> PackedExample:
-        """``example`` packed for cloze scoring (DatasetError naming it if it cannot be)."""
+    def pack(self, example, template: ClozeTemplate | None = None) -> PackedExample:
+        """``example`` packed for cloze scoring with ``template`` (default the task's), once: later calls
+        return that packing (DatasetError naming the example if it cannot be packed)."""
         if example not in self._packed:
-            self._packed[example] = pack_example(self.tokenizer, example, self.template or ClozeTemplate(),
+            self._packed[example] = pack_example(self.tokenizer, example, template or self.template or ClozeTemplate(),
                                                  self.max_length)
         return self._packed[example]
 
@@ -74,11 +75,12 @@ class Task:
     def label_token_ids(self) -> list[int]:
         return data.label_token_ids(self.tokenizer, self.num_labels)
 
-    def prepare(self, examples: list, split: str, log=print) -> list:
-        """``examples`` checked to fit (a bad one fails now, before training). Under cloze scoring a
-        repeated *wrong* choice (OpenBookQA's train file has three) would be scored twice: its repeats
-        are dropped, and the number of such examples is printed."""
-        where = f"{self.dataset} {split}"
+    def prepare(self, examples: list, split: str, log=print, dataset: str | None = None) -> list:
+        """``examples`` (of ``dataset``, default the task's) checked to fit (a bad one fails now, before
+        training) and, under cloze scoring, packed with that dataset's template. A repeated *wrong*
+        choice (OpenBookQA's train file has three) would be scored twice: its repeats are dropped, and
+        the number of such examples is printed."""
+        where = f"{dataset or self.dataset} {split}"
         if self.scoring == "letter":
             _check_prompts_fit(examples, self.tokenizer, self.max_length, where)
             return examples
@@ -86,8 +88,9 @@ class Task:
         changed = sum(a is not b for a, b in zip(examples, deduplicated))
         if changed:
             log(f"{where}: {changed} example(s) repeat a wrong choice; under cloze scoring the repeats are dropped")
+        template = template_for(dataset) if dataset else None
         for ex in deduplicated:
-            self.pack(ex)
+            self.pack(ex, template)
         return deduplicated
 
     def length_sorted_batches(self, examples: list, batch_size: int):
@@ -100,23 +103,24 @@ class Task:
 
 
 def load_task(settings: RunSettings, tokenizer, log=print) -> Task:
-    """Load the train and evaluation splits (seeded subsets if limits are set), checked to fit
-    (``Task.prepare``)."""
+    """Load the train split of ``settings.dataset`` and the evaluation split of ``settings.scored_dataset``
+    (seeded subsets if limits are set), checked to fit (``Task.prepare``)."""
     seed = settings.train.seed
     if settings.data_dir is not None and not Path(settings.data_dir).is_dir():
         raise RunError(f"setting data_dir: {settings.data_dir} is not a directory")
     train = _subset(data.load_examples(settings.dataset, "train", settings.data_dir, seed), settings.train_limit, seed)
-    evals = _subset(data.load_examples(settings.dataset, settings.eval_split, settings.data_dir, seed),
-                    settings.eval_limit, seed)
-    for split, examples in (("train", train), (settings.eval_split, evals)):
+    scored = settings.scored_dataset
+    evals = _subset(data.load_examples(scored, settings.eval_split, settings.data_dir, seed), settings.eval_limit, seed)
+    for name, split, examples in ((settings.dataset, "train", train), (scored, settings.eval_split, evals)):
         if not examples:
-            raise data.DatasetError(f"{settings.dataset} {split}: no examples (check --data-dir and the split's file)")
+            raise data.DatasetError(f"{name} {split}: no examples (check --data-dir and the split's file)")
     num_labels = max(len(ex.choices) for ex in train + evals)
     task = Task(train, evals, tokenizer, num_labels, settings.max_length, resolve_device(settings.device),
                 settings.scoring, settings.normalization, dataset=settings.dataset)
     if settings.scoring == "cloze":
         task.template = template_for(settings.dataset)
-    task.train, task.eval = task.prepare(train, "train", log), task.prepare(evals, settings.eval_split, log)
+    task.train = task.prepare(train, "train", log)
+    task.eval = task.prepare(evals, settings.eval_split, log, dataset=scored)
     return task
 
 
@@ -338,8 +342,10 @@ def score(settings: RunSettings, method, task: Task, progress: bool = True,
     else:
         probs, labels = method.rescale(base_predictions[0]), base_predictions[1]
     metrics = {**summarize(probs, labels), "n": len(labels), "method": settings.method,
-               "dataset": settings.dataset, "split": settings.eval_split,
+               "dataset": settings.scored_dataset, "split": settings.eval_split,
                "eval_samples": settings.eval_samples, "adapter_state": method.adapter_state()}
+    if settings.scored_dataset != settings.dataset:
+        metrics["trained_on"] = settings.dataset
     if base_predictions is not None:
         metrics["rescaled"] = "predictions.safetensors"
     if getattr(method, "temperature", None) is not None:
@@ -362,7 +368,7 @@ def evaluate_run(settings: RunSettings, method, task: Task, run_dir, progress: b
     write_predictions(run_dir / "predictions.safetensors", probs, labels)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     reliability_diagram({settings.method: (probs, labels)}, run_dir / "reliability.png",
-                        title=f"{settings.dataset} ({settings.eval_split})")
+                        title=f"{settings.scored_dataset} ({settings.eval_split})")
     atomic_write_text(run_dir / "summary.md", summary_markdown({settings.method: metrics}, settings))
     return metrics, (probs, labels)
 
@@ -412,7 +418,7 @@ def stored_predictions(settings: RunSettings, run_dir, task: Task) -> tuple | No
     if not (metrics_file.is_file() and predictions_file.is_file()):
         return None
     metrics = json.loads(metrics_file.read_text())
-    wanted = {"dataset": settings.dataset, "split": settings.eval_split, "eval_samples": settings.eval_samples,
+    wanted = {"dataset": settings.scored_dataset, "split": settings.eval_split, "eval_samples": settings.eval_samples,
               "n": len(task.eval)}
     if any(metrics.get(k) != v for k, v in wanted.items()) or "temperature" in metrics:
         return None
@@ -422,7 +428,8 @@ def stored_predictions(settings: RunSettings, run_dir, task: Task) -> tuple | No
 
 def check_temperature_scaling(settings: RunSettings) -> None:
     """``RunError`` unless ``settings.dataset`` has a validation split other than the evaluated one."""
-    if "validation" not in data.DATASETS[settings.dataset].splits or settings.eval_split == "validation":
+    evaluates_validation = settings.eval_split == "validation" and settings.scored_dataset == settings.dataset
+    if "validation" not in data.DATASETS[settings.dataset].splits or evaluates_validation:
         raise RunError(f"temperature scaling a trained run needs a validation split other than the evaluated "
                        f"one; dataset {settings.dataset!r} evaluated on {settings.eval_split!r} has none "
                        f"(train with --method map-ts to hold out part of train instead)")
@@ -466,10 +473,11 @@ def paired_markdown(predictions: dict[str, tuple], pairs, num_resamples: int = 1
 
 def summary_markdown(results: dict[str, dict], settings: RunSettings, command: str | None = None) -> str:
     """A Markdown table of ACC / ECE / NLL / Brier per method, with the run's settings."""
-    lines = [f"# {settings.dataset}: {settings.eval_split} split", ""]
+    trained = f" (trained on {settings.dataset})" if settings.scored_dataset != settings.dataset else ""
+    lines = [f"# {settings.scored_dataset}: {settings.eval_split} split{trained}", ""]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
-    if settings.dataset == "boolq" and settings.data_dir:
+    if "boolq" in (settings.dataset, settings.scored_dataset) and settings.data_dir:
         lines += [data.BOOLQ_OFFLINE_NOTE, ""]
     lines += [f"Model `{settings.model}`, rank {settings.adapter.rank}, alpha {settings.adapter.alpha}, "
               f"targets {', '.join(settings.adapter.target_modules)}, {settings.train.steps} steps of batch "

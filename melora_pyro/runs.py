@@ -36,6 +36,8 @@ class RunSettings:
     """Everything a run needs besides the data files.
 
     ``train_limit`` / ``eval_limit`` cap the number of examples (a seeded subset), for quick runs.
+    ``eval_dataset`` scores the ``eval_split`` of another dataset (out-of-distribution evaluation; its
+    own cloze template); None: the run's ``dataset``, which alone supplies train and validation data.
     ``dtype`` is the base model's (adapters and guide stay float32); ``device`` ``"auto"`` takes
     CUDA when available. ``scoring`` is the readout (``"cloze"``: each choice's text scored as a
     continuation, lm-evaluation-harness's way, normalised by ``normalization``; ``"letter"``: the next
@@ -57,6 +59,7 @@ class RunSettings:
     max_length: int = 256
     train_limit: int | None = None
     eval_split: str = "test"
+    eval_dataset: str | None = None
     eval_limit: int | None = None
     eval_samples: int = 10
     eval_batch_size: int = 16
@@ -82,6 +85,9 @@ class RunSettings:
         checks = [
             ("model", text(self.model), "a model directory, hub id or 'smollm2-135m'"),
             ("dataset", isinstance(self.dataset, str) and self.dataset in DATASETS, f"one of {sorted(DATASETS)}"),
+            ("eval_dataset", self.eval_dataset is None or (isinstance(self.eval_dataset, str)
+                                                           and self.eval_dataset in DATASETS),
+             f"None or one of {sorted(DATASETS)}"),
             ("data_dir", self.data_dir is None or text(self.data_dir), "a directory or None (the hub)"),
             ("method", self.method in METHODS, f"one of {list(METHODS)}"),
             ("max_length", positive(self.max_length), "a positive integer"),
@@ -112,10 +118,15 @@ class RunSettings:
             check_options(self.method, self.options.given())
         except ValueError as e:
             raise RunError(f"[options] {e}") from None
-        splits = DATASETS[self.dataset].splits
+        splits = DATASETS[self.scored_dataset].splits
         if self.eval_split not in splits:
-            raise RunError(f"setting eval_split must be one of {list(splits)} for dataset {self.dataset!r}, "
+            raise RunError(f"setting eval_split must be one of {list(splits)} for dataset {self.scored_dataset!r}, "
                            f"got {self.eval_split!r:.80}")
+
+    @property
+    def scored_dataset(self) -> str:
+        """The dataset whose ``eval_split`` is scored: ``eval_dataset``, else ``dataset``."""
+        return self.eval_dataset or self.dataset
 
     def for_method(self, given: set[str] | None = None) -> "RunSettings":
         """These settings as ``method`` runs them (``methods.method_settings``): the values the method is

@@ -9,6 +9,8 @@ import torch
 from melora_pyro import MeLoRAConfig
 from melora_pyro.cli import main
 from melora_pyro.calibration import apply_temperature
+from melora_pyro.cloze import template_for
+from melora_pyro.data import load_examples
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.methods import build_method
 from melora_pyro.metrics import bootstrap_ci, ece, nll
@@ -67,6 +69,46 @@ def test_temperature_scaling_a_run_is_refused_without_a_separate_validation_spli
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "validation split other than the evaluated one" in err[0]
     assert not list(run.glob("eval-*"))  # nothing half-written
+
+
+def test_a_run_is_scored_on_another_dataset_as_if_it_had_been_evaluated_there(tmp_path, stories):
+    """``evaluate --eval-dataset`` scores another dataset's split (its own cloze template) with the run's
+    adapter: the same probabilities as a run trained alike that evaluated there at train time; with
+    ``--temperature-scale`` the temperature comes from the run's own dataset, never the scored one."""
+    flags = (*FLAGS[:FLAGS.index("--max-length")], "--max-length", "512", "--method", "map")
+    ood = ("--eval-dataset", "arc-e-slice")
+    assert main(["train", *flags, "--run-dir", str(tmp_path / "toy")]) == 0
+    assert main(["train", *flags, *ood, "--run-dir", str(tmp_path / "direct")]) == 0
+    grid = [Cell("arc", flags, run="toy", evaluate=ood), Cell("arc-ts", flags, run="toy", evaluate=(*ood, "--temperature-scale")),
+            Cell("toy-ts", flags, run="toy", evaluate=("--temperature-scale",))]
+    assert run_grid(grid, tmp_path, log=lambda *_: None) == {c.name: "done" for c in grid}
+    probs, labels, metrics = read_cell(grid[0], tmp_path)
+    expected, expected_labels = read_predictions(tmp_path / "direct" / "predictions.safetensors")
+    assert torch.equal(labels, expected_labels) and torch.allclose(probs, expected, atol=1e-6)
+    assert metrics["dataset"] == "arc-e-slice" and metrics["trained_on"] == "toy" and metrics["n"] == 12
+    scaled = read_cell(grid[1], tmp_path)[2]
+    assert scaled["dataset"] == "arc-e-slice" and scaled["validation"] == "toy validation split (100)"
+    assert "rescaled" not in scaled  # the run's stored predictions are toy's: arc-e-slice is scored afresh
+    assert read_cell(grid[2], tmp_path)[2]["dataset"] == "toy"  # each cell reads its own evaluation
+    direct = json.loads((tmp_path / "direct" / "metrics.json").read_text())
+    toy = json.loads((tmp_path / "toy" / "metrics.json").read_text())
+    assert direct["dataset"] == "arc-e-slice" and toy["dataset"] == "toy" and "trained_on" not in toy
+
+
+def test_the_scored_dataset_keeps_its_own_template_and_the_run_s_dataset_its_train_split(stories):
+    from melora_pyro.packing import pack_example
+    from melora_pyro.pipeline import load_task
+    from melora_pyro.runs import RunSettings
+
+    from .conftest import SHARED_DIR
+    settings = RunSettings(dataset="arc-e-slice", eval_dataset="obqa", data_dir=str(SHARED_DIR / "data"),
+                           max_length=512, eval_limit=4, train_limit=8)
+    task = load_task(settings, stories[1], log=lambda *_: None)
+    for example, template in ((task.eval[0], template_for("obqa")), (task.train[0], template_for("arc-e-slice"))):
+        assert task.pack(example) == pack_example(stories[1], example, template, 512)
+    assert template_for("obqa") != template_for("arc-e-slice")  # so the check above tells them apart
+    arc_ids = {ex.uid for ex in load_examples("arc-e-slice", "train", None)}
+    assert {ex.uid for ex in task.train} <= arc_ids and not {ex.uid for ex in task.eval} & arc_ids
 
 
 def test_a_grid_runs_each_cell_once_shares_training_and_reports_failures(tmp_path, stories):
@@ -194,7 +236,7 @@ def test_each_dataset_is_scored_with_the_normalisation_chosen_on_its_dev_split()
 
 
 def test_the_signal_line_says_when_no_method_is_above_chance():
-    from experiments import comparison
+    from experiments import grids
     from melora_pyro import data
 
     from .conftest import SHARED_DIR
@@ -204,15 +246,15 @@ def test_the_signal_line_says_when_no_method_is_above_chance():
     first = torch.zeros(len(labels), 5)
     first[:, 0] = 1.0  # always the first choice: about chance
     right = torch.nn.functional.one_hot(labels, 5).float()
-    chance_only = comparison._signal({"zero-shot": [(None, first)]}, labels, "arc-c", data_dir, {})
+    chance_only = grids.signal_line({"zero-shot": [(None, first)]}, labels, "arc-c", data_dir, {})
     assert "(not above chance)" in chance_only and "No signal" in chance_only
-    with_signal = comparison._signal({"zero-shot": [(None, first)], "map": [(None, right), (None, right)]},
+    with_signal = grids.signal_line({"zero-shot": [(None, first)], "map": [(None, right), (None, right)]},
                                      labels, "arc-c", data_dir, {})
     assert "map 100.0 %" in with_signal and "No signal" not in with_signal
     # a two-way task with a 3:1 label imbalance: always the majority answer clears chance, not the bar
     labels = torch.tensor([0, 0, 0, 1] * 100)
     majority = torch.nn.functional.one_hot(torch.zeros_like(labels), 2).float()
-    line = comparison._signal({"zero-shot": [(None, majority)]}, labels, "boolq", data_dir, {})
+    line = grids.signal_line({"zero-shot": [(None, majority)]}, labels, "boolq", data_dir, {})
     assert "majority label 75.0 %" in line and "(not above the majority label)" in line and "No signal" in line
 
 
@@ -231,3 +273,24 @@ def test_the_overfitting_grid_trains_each_epoch_count_and_seed_once_on_that_seed
                 scaled = grid[f"{method}-ts-{epochs}ep-s{seed}"]
                 assert scaled.run_name == f"{method}-{epochs}ep-s{seed}"
                 assert scaled.evaluate == ("--temperature-scale",)
+
+
+def test_the_ood_grid_scores_each_obqa_run_on_every_test_set_and_trains_nothing_else():
+    from experiments import grids, ood
+
+    from .conftest import SHARED_DIR
+    grid = ood.cells(("zero-shot", "map", "melora-ts"), (0, 1), ood.TESTS, str(SHARED_DIR / "data"))
+    by_name = {c.name: c for c in grid}
+    assert len(by_name) == len(grid) == 5 * (1 + 2 + 2)
+    assert {c.run_name for c in grid} == {"obqa/zero-shot", "obqa/map-s0", "obqa/map-s1", "obqa/melora-s0",
+                                          "obqa/melora-s1"}
+    assert by_name["obqa/map-s1"].evaluate is None  # the in-distribution column is train's own scoring
+    assert by_name["obqa/melora-ts-s0"].evaluate == ("--temperature-scale",)
+    for test in ood.TESTS:
+        norm = ("--normalization", grids.NORMALIZATION.get(test, "sum"))
+        assert by_name[f"{test}/map-s1"].evaluate == ("--eval-dataset", test, *norm)
+        assert by_name[f"{test}/melora-ts-s0"].evaluate == ("--eval-dataset", test, *norm, "--temperature-scale")
+        assert by_name[f"{test}/zero-shot"].run_name == "obqa/zero-shot"
+    flags = by_name["obqa/melora-ts-s1"].flags  # trains (once, for all its cells) the obqa melora run of seed 1
+    assert flags[flags.index("--method") + 1] == "melora" and flags[flags.index("--dataset") + 1] == "obqa"
+    assert flags[flags.index("--seed") + 1] == "1"
