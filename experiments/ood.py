@@ -6,8 +6,9 @@
 Each method trains once on OpenBookQA (the comparison's profile, ``experiments.grids``: 1 epoch of the
 full train split, ``char`` cloze): one ``melora-pyro train``, scored on OBQA's test split (the
 in-distribution column). Every other test set is a ``melora-pyro evaluate --eval-dataset`` of that
-run, with the test set's own cloze template and normalisation (``grids.NORMALIZATION``); ``-ts``
-fits its one temperature on OBQA's dev split, never on a test set. Cells are resumable and archived
+run, with the test set's own cloze template and the run's normalisation (``char``: a checkpoint is
+scored as it was trained); ``-ts`` fits its one temperature on OBQA's dev split, never on a test set
+(and rescales the test set's stored scoring). Cells are resumable and archived
 in ``results/ood_<profile>_cells/``; writes ``results/ood_<profile>.{md,json}`` and a reliability
 diagram per test set: per test set the signal line, mean ± std over seeds and the 95% paired-bootstrap
 CIs of Me-LoRA - MAP and Me-LoRA - MAP+TS.
@@ -25,7 +26,7 @@ from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.plots import reliability_diagram
 
-from .grids import NORMALIZATION, difference_table, method_table, signal_line, train_flags
+from .grids import difference_table, method_table, signal_line, train_flags
 
 TRAIN = "obqa"
 TESTS = ("arc-c", "arc-e", "mmlu-chem", "mmlu-phys")
@@ -52,8 +53,7 @@ def cells(methods, seeds, tests, data_dir: str, profile: str = "cpu") -> list[Ce
                 if test == TRAIN and not scale:
                     grid.append(trained)
                     continue
-                elsewhere = () if test == TRAIN else ("--eval-dataset", test,
-                                                      "--normalization", NORMALIZATION.get(test, "sum"))
+                elsewhere = () if test == TRAIN else ("--eval-dataset", test)
                 grid.append(Cell(name, trained.flags, run=trained.run_name, evaluate=(*elsewhere, *scale)))
     return grid
 
@@ -68,7 +68,7 @@ def report(grid: list[Cell], root: Path, out: Path, tests, data_dir: str, archiv
     lines = [f"# Out of distribution: trained on {TRAIN}, {out.name.split('_')[-1]} profile", "",
              "Command: `python -m experiments.ood --data-dir ../shared/data`", "",
              "Each method's OBQA run (1 epoch of its train split, `char` cloze) scored on every test set with "
-             "that set's template and normalisation; temperatures (-ts) fitted on OBQA's dev split. Mean ± std "
+             "that set's template and the run's `char` normalisation; temperatures (-ts) fitted on OBQA's dev split. Mean ± std "
              "over the seeds listed.", ""]
     doc, total_cpu = {}, 0.0
     for test in (TRAIN, *tests):

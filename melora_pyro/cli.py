@@ -37,7 +37,7 @@ DEMO_TARGETS = ("q_proj", "v_proj", "lm_head")  # BLoB's recipe (DESIGN.md secti
 DEMO_METHODS = ("zero-shot", "map", "map-ts", "melora")
 DEMO_PAIRS = (("melora", "map"), ("melora", "map-ts"), ("map", "zero-shot"))
 _EVALUATE_FIELDS = ("data_dir", "eval_split", "eval_dataset", "eval_limit", "eval_samples", "eval_batch_size",
-                    "normalization", "device", "trust_remote_code")
+                    "device", "trust_remote_code")
 _PATH_FIELDS = ("model", "data_dir")  # stored absolute: a run directory is read from anywhere
 _PEFT_SHAPE = ("adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.dropout")
 

@@ -221,10 +221,10 @@ def _result_file(cell: Cell, root) -> Path:
         if not (_trained(run_dir) and _predictions_file(path).is_file()):
             raise GridError(f"{cell.name}: no results in {run_dir}")
         return path
+    wanted = {"dataset": _flag(cell.evaluate, "--eval-dataset") or _flag(cell.flags, "--dataset")}
     scaled = "--temperature-scale" in cell.evaluate
-    dataset = _flag(cell.evaluate, "--eval-dataset") or _flag(cell.flags, "--dataset")
-    found = [p for p in sorted(run_dir.glob("eval-*.json")) if _predictions_file(p).is_file()
-             and _evaluates(json.loads(p.read_text()), dataset, scaled)]
+    found = [p for p in sorted(run_dir.glob("eval-*.json"), key=lambda p: p.stat().st_mtime_ns)
+             if _predictions_file(p).is_file() and _evaluates(json.loads(p.read_text()), wanted, scaled)]
     if not found:
         raise GridError(f"{cell.name}: no evaluation in {run_dir}")
     return found[-1]
@@ -235,9 +235,11 @@ def _flag(flags: tuple[str, ...], name: str) -> str | None:
     return flags[flags.index(name) + 1] if name in flags else None
 
 
-def _evaluates(metrics: dict, dataset: str | None, scaled: bool) -> bool:
-    """Whether an ``evaluate`` result scored ``dataset`` (any, if None), temperature-scaled or not."""
-    return ("temperature" in metrics) == scaled and dataset in (None, metrics.get("dataset"))
+def _evaluates(metrics: dict, wanted: dict, scaled: bool) -> bool:
+    """Whether an ``evaluate`` result is temperature-scaled or not as asked and has the ``wanted``
+    values (a None one, or one the result does not record, matches anything)."""
+    return ("temperature" in metrics) == scaled and all(
+        value is None or metrics.get(key, value) == value for key, value in wanted.items())
 
 
 def read_cell(cell: Cell, root, archive=None):

@@ -22,7 +22,7 @@ from .models import default_cache_dir, load_base_model
 from .prefix_cache import PrefixCachedLM, cache_path, top_layer_targets
 from .plots import reliability_diagram
 from .checkpoint import checkpoint_root, find_latest_checkpoint
-from .runs import RunError, RunSettings, open_run_dir, resolve_device, save_settings
+from .runs import RunError, RunSettings, load_settings, open_run_dir, resolve_device, save_settings
 from .train import evaluate, launched_accelerator, wait_for_everyone
 
 
@@ -333,8 +333,9 @@ def score(settings: RunSettings, method, task: Task, progress: bool = True,
           base_predictions: tuple | None = None) -> tuple[dict, tuple]:
     """Score ``task.eval``: ``(metrics, (probs (N, K), labels (N,)))``; writes nothing.
 
-    ``base_predictions``: for a temperature-scaled ``method``, its base's own ``(probs, labels)`` of
-    ``task.eval`` (``stored_predictions``), rescaled instead of scored again (the same posterior samples).
+    ``base_predictions``: for a temperature-scaled ``method``, its base's own ``(probs, labels, file
+    name)`` of ``task.eval`` (``stored_predictions``), rescaled instead of scored again (the same
+    posterior samples).
     """
     if base_predictions is None:
         probs, labels = evaluate(lambda batch: method.predict(batch, settings.eval_samples), task.eval,
@@ -343,11 +344,12 @@ def score(settings: RunSettings, method, task: Task, progress: bool = True,
         probs, labels = method.rescale(base_predictions[0]), base_predictions[1]
     metrics = {**summarize(probs, labels), "n": len(labels), "method": settings.method,
                "dataset": settings.scored_dataset, "split": settings.eval_split,
-               "eval_samples": settings.eval_samples, "adapter_state": method.adapter_state()}
+               "eval_samples": settings.eval_samples, "scoring": settings.scoring,
+               "normalization": settings.normalization, "adapter_state": method.adapter_state()}
     if settings.scored_dataset != settings.dataset:
         metrics["trained_on"] = settings.dataset
     if base_predictions is not None:
-        metrics["rescaled"] = "predictions.safetensors"
+        metrics["rescaled"] = base_predictions[2]
     if getattr(method, "temperature", None) is not None:
         metrics.update(temperature=method.temperature, validation=method.validation)
     if getattr(method, "prior_precision", None) is not None:  # laplace: the lambda its rule chose
@@ -411,19 +413,26 @@ def read_predictions(path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def stored_predictions(settings: RunSettings, run_dir, task: Task) -> tuple | None:
-    """The ``(probs (N, K), labels (N,))`` that ``train`` wrote into ``run_dir`` if they score what
-    ``settings`` asks (the same split, questions and posterior samples), else None."""
+    """``(probs (N, K), labels (N,), file name)``: predictions already in ``run_dir`` (``train``'s, then
+    the newest ``evaluate``'s first) that score what ``settings`` asks, unscaled: the same dataset, split,
+    questions, posterior samples and cloze normalisation. None if there are none."""
     run_dir = Path(run_dir)
-    metrics_file, predictions_file = run_dir / "metrics.json", run_dir / "predictions.safetensors"
-    if not (metrics_file.is_file() and predictions_file.is_file()):
-        return None
-    metrics = json.loads(metrics_file.read_text())
+    saved = load_settings(run_dir)  # what a result written before it recorded its normalisation used
+    candidates = [run_dir / "metrics.json", *sorted(run_dir.glob("eval-*.json"), key=lambda p: p.name, reverse=True)]
     wanted = {"dataset": settings.scored_dataset, "split": settings.eval_split, "eval_samples": settings.eval_samples,
-              "n": len(task.eval)}
-    if any(metrics.get(k) != v for k, v in wanted.items()) or "temperature" in metrics:
-        return None
-    probs, labels = read_predictions(predictions_file)
-    return (probs, labels) if torch.equal(labels, torch.tensor([e.label for e in task.eval])) else None
+              "n": len(task.eval), "normalization": settings.normalization}
+    for metrics_file in candidates:
+        predictions_file = metrics_file.with_suffix(".safetensors") if metrics_file.name != "metrics.json" \
+            else run_dir / "predictions.safetensors"
+        if not (metrics_file.is_file() and predictions_file.is_file()):
+            continue
+        metrics = {"normalization": saved.normalization, **json.loads(metrics_file.read_text())}
+        if any(metrics.get(k) != v for k, v in wanted.items()) or "temperature" in metrics:
+            continue
+        probs, labels = read_predictions(predictions_file)
+        if torch.equal(labels, torch.tensor([e.label for e in task.eval])):
+            return probs, labels, predictions_file.name
+    return None
 
 
 def check_temperature_scaling(settings: RunSettings) -> None:

@@ -74,7 +74,8 @@ def test_temperature_scaling_a_run_is_refused_without_a_separate_validation_spli
 def test_a_run_is_scored_on_another_dataset_as_if_it_had_been_evaluated_there(tmp_path, stories):
     """``evaluate --eval-dataset`` scores another dataset's split (its own cloze template) with the run's
     adapter: the same probabilities as a run trained alike that evaluated there at train time; with
-    ``--temperature-scale`` the temperature comes from the run's own dataset, never the scored one."""
+    ``--temperature-scale`` the temperature comes from the run's own dataset, never the scored one, and
+    the stored predictions of the scored dataset are rescaled."""
     flags = (*FLAGS[:FLAGS.index("--max-length")], "--max-length", "512", "--method", "map")
     ood = ("--eval-dataset", "arc-e-slice")
     assert main(["train", *flags, "--run-dir", str(tmp_path / "toy")]) == 0
@@ -86,10 +87,12 @@ def test_a_run_is_scored_on_another_dataset_as_if_it_had_been_evaluated_there(tm
     expected, expected_labels = read_predictions(tmp_path / "direct" / "predictions.safetensors")
     assert torch.equal(labels, expected_labels) and torch.allclose(probs, expected, atol=1e-6)
     assert metrics["dataset"] == "arc-e-slice" and metrics["trained_on"] == "toy" and metrics["n"] == 12
-    scaled = read_cell(grid[1], tmp_path)[2]
+    scaled_probs, _, scaled = read_cell(grid[1], tmp_path)
     assert scaled["dataset"] == "arc-e-slice" and scaled["validation"] == "toy validation split (100)"
-    assert "rescaled" not in scaled  # the run's stored predictions are toy's: arc-e-slice is scored afresh
-    assert read_cell(grid[2], tmp_path)[2]["dataset"] == "toy"  # each cell reads its own evaluation
+    [plain] = [p for p in (tmp_path / "toy").glob("eval-*.json") if "temperature" not in json.loads(p.read_text())]
+    assert scaled["rescaled"] == plain.with_suffix(".safetensors").name  # the arc-e-slice scoring, not train's
+    assert torch.allclose(scaled_probs, apply_temperature(probs, scaled["temperature"]), atol=1e-6)
+    assert read_cell(grid[2], tmp_path)[2]["rescaled"] == "predictions.safetensors"  # each cell reads its own
     direct = json.loads((tmp_path / "direct" / "metrics.json").read_text())
     toy = json.loads((tmp_path / "toy" / "metrics.json").read_text())
     assert direct["dataset"] == "arc-e-slice" and toy["dataset"] == "toy" and "trained_on" not in toy
@@ -276,7 +279,7 @@ def test_the_overfitting_grid_trains_each_epoch_count_and_seed_once_on_that_seed
 
 
 def test_the_ood_grid_scores_each_obqa_run_on_every_test_set_and_trains_nothing_else():
-    from experiments import grids, ood
+    from experiments import ood
 
     from .conftest import SHARED_DIR
     grid = ood.cells(("zero-shot", "map", "melora-ts"), (0, 1), ood.TESTS, str(SHARED_DIR / "data"))
@@ -287,9 +290,8 @@ def test_the_ood_grid_scores_each_obqa_run_on_every_test_set_and_trains_nothing_
     assert by_name["obqa/map-s1"].evaluate is None  # the in-distribution column is train's own scoring
     assert by_name["obqa/melora-ts-s0"].evaluate == ("--temperature-scale",)
     for test in ood.TESTS:
-        norm = ("--normalization", grids.NORMALIZATION.get(test, "sum"))
-        assert by_name[f"{test}/map-s1"].evaluate == ("--eval-dataset", test, *norm)
-        assert by_name[f"{test}/melora-ts-s0"].evaluate == ("--eval-dataset", test, *norm, "--temperature-scale")
+        assert by_name[f"{test}/map-s1"].evaluate == ("--eval-dataset", test)
+        assert by_name[f"{test}/melora-ts-s0"].evaluate == ("--eval-dataset", test, "--temperature-scale")
         assert by_name[f"{test}/zero-shot"].run_name == "obqa/zero-shot"
     flags = by_name["obqa/melora-ts-s1"].flags  # trains (once, for all its cells) the obqa melora run of seed 1
     assert flags[flags.index("--method") + 1] == "melora" and flags[flags.index("--dataset") + 1] == "obqa"
