@@ -1,6 +1,6 @@
 """Me-LoRA's defaults by sweep on ARC-Easy *validation* (never test), CPU profile (``experiments.grids``).
 
-    python -m experiments.sweep --data-dir ../shared/data [--jobs 2] [--root runs/sweep]
+    python -m experiments.sweep --data-dir ../shared/data [--jobs 2] [--root runs/sweep] [--only CELL ...]
 
 One seed, the full train split (2,251 questions), the 570 dev questions. One setting is changed at a
 time from the defaults the sweep started from (prior std 0.2, full-weight KL, init_scale 1e-2, guide
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from melora_pyro._atomic import atomic_write_text
-from melora_pyro.grid import Cell, GridError, cell_cost, read_cell, run_grid
+from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.metrics import accuracy, bootstrap_ci
 
 from .grids import train_flags
@@ -31,6 +31,13 @@ SETTINGS = (
     ("melora-elementwise", "melora-elementwise", 1, ("--prior-std", "0.2"), "KL: elementwise"),
     ("melora-prior1", "melora", 1, ("--prior-std", "1.0"), "prior std 1.0"),
     ("melora-prior0.05", "melora", 1, ("--prior-std", "0.05"), "prior std 0.05"),
+    # From the defaults after the prior-std cells (prior std 1.0; reference: melora-prior1), one change each.
+    ("melora-init0.1", "melora", 1, ("--prior-std", "1.0", "--init-scale", "0.1"), "init_scale 0.1"),
+    ("melora-scale-lr0.01", "melora", 1, ("--prior-std", "1.0", "--guide-scale-lr", "0.01"),
+     "guide scale lr 1e-2"),
+    ("melora-scale-lr0.2", "melora", 1, ("--prior-std", "1.0", "--guide-scale-lr", "0.2"), "guide scale lr 0.2"),
+    ("melora-loc-lr1e-3", "melora", 1, ("--prior-std", "1.0", "--guide-lr", "1e-3"), "guide location lr 1e-3"),
+    ("melora-2ep", "melora", 2, ("--prior-std", "1.0"), "Me-LoRA, 2 epochs"),
 )
 
 
@@ -55,23 +62,30 @@ def omega_stats(run_dir: Path) -> str:
     return f"{last['omega_median']:.3f} [{last['omega_q10']:.3f}, {last['omega_q90']:.3f}]"
 
 
-def report(grid: list[Cell], root: Path, out: Path) -> None:
+def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
+    """Write ``out.{md,json,png}`` from the finished cells (run directory or ``archive``); a cell found in
+    neither keeps the row an earlier report recorded in ``out.json`` (cells run before the archive)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows, doc = [], {}
+    recorded_file = out.with_suffix(".json")
+    recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else {}
+    rows, doc, n = [], {}, recorded.get("n")
     for cell, (_, _, _, _, what) in zip(grid, SETTINGS):
-        try:
-            probs, labels, metrics = read_cell(cell, root)
-        except Exception:
+        if not is_done(cell, root, archive):
+            if cell.name in recorded.get("cells", {}):
+                doc[cell.name] = recorded["cells"][cell.name]
+                rows.append(cell.name)
             continue
-        cost = cell_cost(cell, root) or {}
+        probs, labels, metrics = read_cell(cell, root, archive)
+        cost = cell_cost(cell, root, archive) or {}
         doc[cell.name] = {**{k: metrics[k] for k in ("acc", "ece", "nll", "brier")}, "what": what,
-                          "omega": omega_stats(root / cell.run_name), "cpu_s": cost.get("cpu_s"),
-                          "wall_s": cost.get("wall_s"), "command": cell.command(root),
+                          "omega": omega_stats(root / cell.run_name) or recorded.get("cells", {}).get(
+                              cell.name, {}).get("omega", ""),
+                          "cpu_s": cost.get("cpu_s"), "wall_s": cost.get("wall_s"), "command": cell.command(root),
                           "acc_ci": bootstrap_ci(accuracy, probs, labels)}
         rows.append(cell.name)
-    n = len(labels) if rows else 0
+        n = len(labels)
     lines = [f"# Sweep on ARC-Easy validation (n = {n}), CPU profile, seed 0", "",
              "Command: `python -m experiments.sweep --data-dir ../shared/data`", "",
              "Judged on the dev split only; the test split is not read. Omega: median [10 %, 90 %] of the "
@@ -89,7 +103,7 @@ def report(grid: list[Cell], root: Path, out: Path) -> None:
     lines += ["", f"Total CPU time of the cells run: {total / 60:.1f} min."]
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"n": n, "cells": doc}, indent=2))
     if rows:
         figure = Figure(figsize=(10, 3.6))
         for i, key in enumerate(("acc", "ece", "nll")):
@@ -118,16 +132,21 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (the CPU threads are split)")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the cores / --jobs)")
     parser.add_argument("--out", default="results/sweep_arc-e_dev")
+    parser.add_argument("--archive", help="where finished cells are kept (default <out>_cells)")
     parser.add_argument("--only", nargs="*", help="run only these cells (the report includes every done cell)")
+    parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
     grid = cells(args.data_dir)  # as given: the CLI makes it absolute, the printed commands stay portable
     chosen = [c for c in grid if not args.only or c.name in args.only]
+    archive = args.archive or f"{args.out}_cells"
     try:
-        status = run_grid(chosen, args.root, jobs=args.jobs, threads=args.threads)
+        status = {} if args.report_only else run_grid(chosen, args.root, jobs=args.jobs, threads=args.threads,
+                                                      archive=archive)
     except GridError as e:  # another grid holds the root
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report(grid, Path(args.root), Path(args.out))
+    archive_cells(grid, args.root, archive)  # what the table is rebuilt from when the run directories are gone
+    report(grid, Path(args.root), Path(args.out), archive)
     failed = {k: v for k, v in status.items() if v != "done"}
     print(open(Path(args.out).with_suffix(".md")).read())
     return 1 if failed else 0
