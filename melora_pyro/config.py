@@ -168,6 +168,9 @@ class MethodOptions:
         glm_samples: ``laplace``: logit draws per example of the GLM predictive (default 100,000).
         flipout: ``melora`` / ``melora-elementwise`` / ``melora-noise``: C applied by Flipout, signs per
             example and token, in training and prediction (default false: one C per draw for the batch).
+        kl_weight: ``melora`` / ``melora-elementwise`` / ``melora-noise`` / ``melora-diag``: the loss is
+            ``nll + kl_weight * KL`` (default 1: the ELBO; below 1 a tempered posterior, above 1 one
+            pulled towards the prior), ``elbo.KLScheduleELBO``.
     """
 
     ensemble_size: int | None = None
@@ -183,6 +186,7 @@ class MethodOptions:
     predictive: str | None = None
     glm_samples: int | None = None
     flipout: bool | None = None
+    kl_weight: float | None = None
 
     def __post_init__(self):
         checks = {
@@ -202,6 +206,7 @@ class MethodOptions:
             "predictive": (self.predictive in PREDICTIVES, f"one of {PREDICTIVES}"),
             "glm_samples": (_is_int(self.glm_samples) and self.glm_samples >= 1, "a positive integer"),
             "flipout": (isinstance(self.flipout, bool), "true or false"),
+            "kl_weight": (_is_number(self.kl_weight) and self.kl_weight > 0, "a positive number"),
         }
         for name, (ok, expected) in checks.items():
             if getattr(self, name) is not None and not ok:

@@ -1,7 +1,9 @@
-"""``FullWeightELBO``: Monte Carlo likelihood plus the closed-form KL of the prior on C."""
+"""``FullWeightELBO``: Monte Carlo likelihood plus the closed-form KL of the prior on C; ``KLScheduleELBO``:
+the same with the KL weighted per step."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import pyro.poutine as poutine
 import torch
@@ -106,3 +108,35 @@ class FullWeightELBO(Trace_ELBO):
                                           f"{guide_site['name']!r}, got {type(q).__name__}")
             term = kl_divergence(q, p)
         return scale_and_mask(term, model_site["scale"]).sum()
+
+
+class KLScheduleELBO(FullWeightELBO):
+    """``FullWeightELBO`` whose KL is multiplied by ``kl_weight(step, num_data, batch_size)``: BLoB's
+    re-weighting cycle (``baselines.BLoBELBO``), or a constant ``w`` (:func:`constant_kl_weight`, the
+    ``kl_weight`` option of the Me-LoRA methods: ``w < 1`` a tempered, ``w > 1`` a prior-heavier posterior).
+
+    ``step`` is a 1-based counter that advances on every gradient-enabled call of ``loss_terms`` (one
+    per micro-batch of the training loop; evaluation under ``torch.no_grad`` does not advance it);
+    ``num_data`` and ``batch_size`` are read from the model arguments ``(input_ids, attention_mask,
+    labels, num_data)``. The logged ``kl`` stays the unweighted KL; ``loss = nll + kl_weight * kl``, and
+    ``kl_weight`` is returned with the terms. Resuming from a checkpoint restarts the counter (set
+    ``elbo.step`` to continue the schedule).
+    """
+
+    def __init__(self, kl_weight: Callable[[int, int, int], float], **kwargs):
+        super().__init__(**kwargs)
+        self.kl_weight, self.step = kl_weight, 0
+
+    def loss_terms(self, model, guide, input_ids, attention_mask=None, labels=None, num_data=None,
+                   **kwargs) -> dict:
+        terms = super().loss_terms(model, guide, input_ids, attention_mask, labels, num_data, **kwargs)
+        if torch.is_grad_enabled():
+            self.step += 1
+        batch_size = input_ids.shape[0]
+        weight = self.kl_weight(max(self.step, 1), num_data or batch_size, batch_size)
+        return {**terms, "loss": terms["nll"] + weight * terms["kl"], "kl_weight": weight}
+
+
+def constant_kl_weight(weight: float) -> Callable[[int, int, int], float]:
+    """The schedule of :class:`KLScheduleELBO` that is ``weight`` at every step."""
+    return lambda step, num_data, batch_size: weight

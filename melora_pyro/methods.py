@@ -53,6 +53,7 @@ from .baselines import (BLoBELBO, BLoBGuide, BLoBModel, BLoBNLLELBO, BLoBUpdate,
                         DiagonalMeLoRAModel, EnsembleMethod, LaplaceMethod, PointMethod, PyroMethod, TemperatureScaledMethod,
                         ZeroShotMethod)
 from .config import MeLoRAConfig
+from .elbo import KLScheduleELBO, constant_kl_weight
 from .errors import ConfigError
 from .model import MeLoRAModel
 from .readouts import as_readout
@@ -111,6 +112,8 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
             probabilities).
         prior_noise: for ``melora-noise`` (default ``config.prior_noise`` or 0.05).
         init_scale: initial std of the variational guides (default ``config.init_scale``, 1e-2).
+        kl_weight: for the Me-LoRA variants, the loss ``nll + kl_weight * KL`` (default 1, the ELBO:
+            ``FullWeightELBO``; otherwise ``elbo.KLScheduleELBO`` with that constant weight).
         flipout: for ``melora`` / ``melora-elementwise`` / ``melora-noise``: C applied by Flipout
             (``melora_pyro.flipout``: the mean path plus ``B (((A x o r) E^T) o s')``, ``E = Omega o eps``,
             signs per example and token) in training and prediction (default False: one C per draw).
@@ -291,7 +294,9 @@ def _variational(model_class, guide_class, name, **pinned):
         def build():
             model = model_class(_fresh_base(base_model), config, ids, name=name.replace("-", "_"))
             guide = guide_class(model, init_scale=options.get("init_scale", config.init_scale))
-            return PyroMethod(model, guide, flipout=options.get("flipout", False), name=name)
+            flip, weight = options.get("flipout", False), options.get("kl_weight", 1.0)
+            elbo = None if weight == 1.0 else KLScheduleELBO(constant_kl_weight(weight), flipout=flip)
+            return PyroMethod(model, guide, elbo=elbo, flipout=flip, name=name)
         return _seeded(options.get("seed", 0), build)
     return builder
 
@@ -304,7 +309,7 @@ def _zero_shot(base_model, config, readout, options):
     return ZeroShotMethod(_fresh_base(base_model), readout)
 
 
-_GUIDE_OPTIONS = ("init_scale",)
+_GUIDE_OPTIONS = ("init_scale", "kl_weight")
 _MELORA_OPTIONS = _GUIDE_OPTIONS + ("flipout",)  # Flipout on C needs MeLoRAModel's one Normal site "C"
 _LAPLACE_OPTIONS = ("weight_decay", "prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples",
                     "predictive", "glm_samples")

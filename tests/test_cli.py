@@ -110,6 +110,7 @@ def test_method_options_are_flags_that_reach_the_method(stories):
     blob = built("--method", "blob", "--kl-lr", "0.5", "--kl-reweighting", "false")
     assert blob.update.kl_lr == 0.5 and blob.update.kl_reweighting is False
     assert built("--method", "melora", "--flipout", "true").flipout and not built("--method", "melora").flipout
+    assert built("--method", "melora-elementwise", "--kl-weight", "4").elbo.kl_weight(1, 10, 2) == 4.0
 
 
 def test_an_option_the_method_does_not_take_is_refused(tmp_path, capsys):

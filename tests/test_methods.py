@@ -117,6 +117,23 @@ def test_blob_adamw_elbo_weights_the_kl_by_n_pi():
     assert torch.allclose(terms["loss"], terms["nll"] + terms["kl_weight"] * terms["kl"])
 
 
+@pytest.mark.parametrize("name", ["melora", "melora-diag"])
+def test_kl_weight_scales_the_kl_term_and_only_variational_methods_take_it(name):
+    b = collate(_examples(4))
+    losses = {}
+    for weight in (1.0, 0.25):
+        method = build_method(name, tiny_llama(), CONFIG, LABEL_IDS, kl_weight=weight)
+        torch.manual_seed(0)  # the same draw of C under both weights
+        losses[weight] = method.elbo.loss_terms(method.model, method.guide, b["input_ids"], b["attention_mask"],
+                                                b["labels"], 40)
+    plain, tempered = losses[1.0], losses[0.25]
+    assert torch.allclose(plain["nll"], tempered["nll"]) and torch.allclose(plain["kl"], tempered["kl"])
+    assert plain["kl"] > 0
+    assert torch.allclose(tempered["loss"], plain["nll"] + 0.25 * plain["kl"])
+    with pytest.raises(ValueError, match=r"unknown options \['kl_weight'\]"):
+        build_method("map", tiny_llama(), CONFIG, LABEL_IDS, kl_weight=0.5)
+
+
 def test_laplace_predictive_variance_shrinks_as_the_prior_precision_grows():
     method = build_method("laplace", tiny_llama, CONFIG, LABEL_IDS, max_fisher_examples=8)
     method.fit(_examples(), collate, TrainConfig(steps=2, batch_size=4, lr=1e-2))

@@ -8,7 +8,7 @@
 - :mod:`.zero_shot`: the base model without adapters.
 - :mod:`.temperature`: temperature scaling on top of any method (``map-ts``).
 """
-from .blob import (BLoBELBO, BLoBGuide, BLoBModel, BLoBNLLELBO, BLoBUpdate, KLScheduleELBO, blob_kl,
+from .blob import (BLoBELBO, BLoBGuide, BLoBModel, BLoBNLLELBO, BLoBUpdate, blob_kl,
                    blob_kl_cycle, blob_kl_weight, blob_pi)
 from .diagonal import (DiagonalFullWeightNormal, DiagonalGuide, DiagonalMeLoRAModel,
                        diagonal_full_weight_kl, diagonal_full_weight_kl_terms)
@@ -20,7 +20,7 @@ from .zero_shot import ZeroShotMethod
 
 __all__ = [
     "PyroMethod", "PointMethod", "set_adapter_dropout", "TemperatureScaledMethod", "EnsembleMethod", "LaplaceMethod",
-    "BLoBModel", "BLoBGuide", "BLoBELBO", "BLoBNLLELBO", "BLoBUpdate", "KLScheduleELBO",
+    "BLoBModel", "BLoBGuide", "BLoBELBO", "BLoBNLLELBO", "BLoBUpdate",
     "blob_kl", "blob_kl_cycle", "blob_kl_weight", "blob_pi",
     "DiagonalMeLoRAModel", "DiagonalGuide", "DiagonalFullWeightNormal", "diagonal_full_weight_kl",
     "diagonal_full_weight_kl_terms", "ZeroShotMethod",

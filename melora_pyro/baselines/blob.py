@@ -41,7 +41,7 @@ from torch import nn
 
 from .._params import pyro_param
 from ..config import MeLoRAConfig
-from ..elbo import FullWeightELBO
+from ..elbo import FullWeightELBO, KLScheduleELBO
 from ..flipout import flipout_noise, flipout_parameters
 from ..model import MeLoRAModel
 from ..train import TrainConfig, UpdateRule
@@ -147,31 +147,6 @@ def blob_kl_weight(step: int, num_data: int, batch_size: int) -> float:
     """The KL weight of :class:`BLoBELBO` at (1-based) ``step``: ``N pi_i`` with the cycle
     :func:`blob_kl_cycle` (``N pi_i`` against the shared ELBO's ``N x`` mean NLL is BLoB's ``pi_i``)."""
     return num_data * blob_pi(step, blob_kl_cycle(num_data, batch_size))
-
-
-class KLScheduleELBO(FullWeightELBO):
-    """``FullWeightELBO`` whose KL is multiplied by ``kl_weight(step, num_data, batch_size)``.
-
-    ``step`` is a 1-based counter that advances on every gradient-enabled call of ``loss_terms`` (one
-    per micro-batch of the training loop; evaluation under ``torch.no_grad`` does not advance it);
-    ``num_data`` and ``batch_size`` are read from the model arguments ``(input_ids, attention_mask,
-    labels, num_data)``. The logged ``kl`` stays the unweighted KL; ``loss = nll + kl_weight * kl``, and
-    ``kl_weight`` is returned with the terms. Resuming from a checkpoint restarts the counter (set
-    ``elbo.step`` to continue the schedule).
-    """
-
-    def __init__(self, kl_weight: Callable[[int, int, int], float], **kwargs):
-        super().__init__(**kwargs)
-        self.kl_weight, self.step = kl_weight, 0
-
-    def loss_terms(self, model, guide, input_ids, attention_mask=None, labels=None, num_data=None,
-                   **kwargs) -> dict:
-        terms = super().loss_terms(model, guide, input_ids, attention_mask, labels, num_data, **kwargs)
-        if torch.is_grad_enabled():
-            self.step += 1
-        batch_size = input_ids.shape[0]
-        weight = self.kl_weight(max(self.step, 1), num_data or batch_size, batch_size)
-        return {**terms, "loss": terms["nll"] + weight * terms["kl"], "kl_weight": weight}
 
 
 class BLoBELBO(KLScheduleELBO):
