@@ -6,7 +6,9 @@ One seed, the full train split (2,251 questions), the 570 dev questions. One set
 time from the defaults the sweep started from (prior std 0.2, full-weight KL, init_scale 1e-2, guide
 lrs 1e-2 / 5e-2, 1 epoch): the prior kind (``melora-elementwise``) and std (0.05, 1.0, given as flags
 so the cells stay what they were after the default moved to 1.0); MAP at 1 and 2 epochs is the
-reference (and shows what a second epoch does). Every cell is a ``melora-pyro train`` run (``melora_pyro.grid``); rerunning
+reference (and shows what a second epoch does). Then, from prior std 1.0 (``melora-prior1``), one change
+each: init_scale 0.1, the guide's scale lr (1e-2, 0.2) and location lr (1e-3), a second epoch, and the KL
+weight (``--kl-weight`` 0.1, 10). Every cell is a ``melora-pyro train`` run (``melora_pyro.grid``); rerunning
 skips finished cells. Writes ``results/sweep_arc-e_dev.{md,json,png}``.
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ SETTINGS = (
     ("melora-scale-lr0.2", "melora", 1, ("--prior-std", "1.0", "--guide-scale-lr", "0.2"), "guide scale lr 0.2"),
     ("melora-loc-lr1e-3", "melora", 1, ("--prior-std", "1.0", "--guide-lr", "1e-3"), "guide location lr 1e-3"),
     ("melora-2ep", "melora", 2, ("--prior-std", "1.0"), "Me-LoRA, 2 epochs"),
+    ("melora-kl0.1", "melora", 1, ("--prior-std", "1.0", "--kl-weight", "0.1"), "KL weight 0.1 (tempered)"),
+    ("melora-kl10", "melora", 1, ("--prior-std", "1.0", "--kl-weight", "10"), "KL weight 10"),
 )
 
 
