@@ -2,8 +2,9 @@
 
     python -m experiments.known_optimum [--seeds 0 1 2 3 4 5] [--out results/known_optimum]
 
-The problem of ``tests/test_posterior.py`` (a likelihood linear-Gaussian in C, the full-weight prior,
-``MeanFieldGuide``, ``FullWeightELBO``, batch 4 of 8 examples), one problem per seed, trained by
+The problem of tests/test_posterior.py (``melora_pyro.synthetic.linear_gaussian_problem``: a likelihood
+linear-Gaussian in C, the full-weight prior; ``MeanFieldGuide``, ``FullWeightELBO``, batch 4 of 8
+examples), one problem per seed, trained by
 :func:`melora_pyro.train.train` under each entry of ``CONFIGS`` (``TrainConfig`` overrides of the
 defaults). Per run: the relative error of M (Frobenius), the largest relative error of Omega's 10%,
 50% and 90% quantiles (what the test checks) and the mean |log(Omega / Omega_opt)| per entry. Writes
@@ -22,8 +23,8 @@ import torch
 
 from guides import MeanFieldGuide
 from melora_pyro._atomic import atomic_write_text
+from melora_pyro.synthetic import collate_pairs, linear_gaussian_problem
 from melora_pyro.train import TrainConfig, train
-from tests.test_posterior import _problem
 
 CONFIGS = {
     "defaults (constant, 300 steps)": {},
@@ -40,11 +41,10 @@ CONFIGS = {
 def errors(seed: int, overrides: dict) -> dict[str, float]:
     """Train on problem ``seed`` with ``TrainConfig(**overrides)``; the errors against its optimum."""
     pyro.set_rng_seed(0)
-    model, X, y = _problem(seed)
+    model, X, y = linear_gaussian_problem(seed)
     M_opt, omega_opt = model.optimum(X, y)
     guide = MeanFieldGuide(model)
-    collate = lambda b: {"input_ids": torch.stack([x for x, _ in b]), "labels": torch.stack([t for _, t in b])}  # noqa: E731
-    train(model, guide, list(zip(X, y)), collate, TrainConfig(**overrides), progress=False)
+    train(model, guide, list(zip(X, y)), collate_pairs, TrainConfig(**overrides), progress=False)
     M, omega = guide.loc.detach()[0], guide.scale.detach()[0]
     q = torch.tensor([0.1, 0.5, 0.9])
     quantiles = torch.quantile(omega.flatten(), q) / torch.quantile(omega_opt.flatten(), q) - 1

@@ -10,8 +10,7 @@ from melora_pyro import (FullWeightELBO, MeLoRAConfig, MeLoRAModel, count_adapte
                          predict_proba)
 from melora_pyro.kl import full_weight_kl
 from melora_pyro.models import tiny_llama
-
-LABELS = [10, 11, 12, 13]
+from melora_pyro.synthetic import MARKED_TASK_LABELS as LABELS, marked_token_task
 
 
 def make_model(**config):
@@ -86,26 +85,14 @@ def test_identity_guide_needs_the_plain_gauge():
         IdentityGuide(make_model(gauge="unit"))
 
 
-def _separable_but_noisy_task(n, seed):
-    """Label k is marked by token 20 + k at a random position among random tokens 40..127;
-    10% of labels are flipped, so no classifier reaches 100%."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(40, 128, (n, 8), generator=g)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    ids[torch.arange(n), torch.randint(0, 7, (n,), generator=g)] = 20 + labels
-    flip = torch.rand(n, generator=g) < 0.1
-    labels[flip] = torch.randint(0, 4, (int(flip.sum()),), generator=g)
-    return ids, labels
-
-
 @pytest.mark.parametrize("guide_cls", [MeanFieldGuide, DeltaGuide, IdentityGuide])
 def test_svi_learns_the_synthetic_task_with_every_guide(guide_cls):
     pyro.set_rng_seed(0)
     model = make_model(target_modules=("q_proj", "v_proj", "lm_head"), prior_std=1.0,
                        gauge="none" if guide_cls is IdentityGuide else "unit")
     guide = guide_cls(model)
-    train_x, train_y = _separable_but_noisy_task(256, seed=1)
-    test_x, test_y = _separable_but_noisy_task(256, seed=2)
+    train_x, train_y = marked_token_task(256, seed=1)
+    test_x, test_y = marked_token_task(256, seed=2)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), FullWeightELBO())
     losses = []
     for step in range(150):
