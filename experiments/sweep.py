@@ -8,7 +8,8 @@ lrs 1e-2 / 5e-2, 1 epoch): the prior kind (``melora-elementwise``) and std (0.05
 so the cells stay what they were after the default moved to 1.0); MAP at 1 and 2 epochs is the
 reference (and shows what a second epoch does). Then, from prior std 1.0 (``melora-prior1``), one change
 each: init_scale 0.1, the guide's scale lr (1e-2, 0.2) and location lr (1e-3), a second epoch, and the KL
-weight (``--kl-weight`` 0.1, 10). Every cell is a ``melora-pyro train`` run (``melora_pyro.grid``); rerunning
+weight (``--kl-weight`` 0.1, 10), and antithetic pairs of C (``--antithetic true``). Each cell's paired dev
+differences from the cell it changes are reported with bootstrap CIs. Every cell is a ``melora-pyro train`` run (``melora_pyro.grid``); rerunning
 skips finished cells. Writes ``results/sweep_arc-e_dev.{md,json,png}``.
 """
 from __future__ import annotations
@@ -18,9 +19,11 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from melora_pyro._atomic import atomic_write_text
-from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
-from melora_pyro.metrics import accuracy, bootstrap_ci
+from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid, train_log
+from melora_pyro.metrics import accuracy, bootstrap_ci, ece, nll
 
 from .grids import train_flags
 
@@ -42,13 +45,28 @@ SETTINGS = (
     ("melora-2ep", "melora", 2, ("--prior-std", "1.0"), "Me-LoRA, 2 epochs"),
     ("melora-kl0.1", "melora", 1, ("--prior-std", "1.0", "--kl-weight", "0.1"), "KL weight 0.1 (tempered)"),
     ("melora-kl10", "melora", 1, ("--prior-std", "1.0", "--kl-weight", "10"), "KL weight 10"),
+    ("melora-antithetic", "melora", 1, ("--prior-std", "1.0", "--antithetic", "true"),
+     "antithetic pairs of C (2x training compute)"),
+    # After the cells above: the KL weight below 0.1, and the two changes that helped, together.
+    ("melora-kl0.01", "melora", 1, ("--prior-std", "1.0", "--kl-weight", "0.01"), "KL weight 0.01"),
+    ("melora-kl0.1-antithetic", "melora", 1, ("--prior-std", "1.0", "--kl-weight", "0.1", "--antithetic", "true"),
+     "KL weight 0.1 and antithetic pairs"),
 )
 
 
-NOT_SWEPT = ("Not swept, for lack of CPU time: init_scale and the guide's learning rates (Omega moved 20-140x "
-             "from its initial 0.01 within the one epoch under every prior, so neither limited it here), KL "
-             "weighting (Me-LoRA has no KL-weight knob; the KL is the ELBO's, scaled by the training-set size), "
-             "and more epochs for Me-LoRA (MAP's second epoch already lowered dev ACC and raised ECE).")
+NOT_SWEPT = ("Not swept, for lack of CPU time: more than one seed (a cell's dev ACC CI is about +-4 points, so only "
+             "paired differences can resolve anything), combinations of the changes, and prior kinds other than the "
+             "full-weight and elementwise KLs (``melora-noise``, ``melora-diag``).")
+# The cell each one changes one setting of: its paired dev differences are taken against it.
+REFERENCES = {"map-2ep": "map-1ep", "melora-elementwise": "melora", "melora-prior1": "melora",
+              "melora-prior0.05": "melora"}
+
+
+def reference(name: str) -> str | None:
+    """The cell ``name`` varies one setting of (None for the references themselves)."""
+    if name in ("map-1ep", "melora"):
+        return None
+    return REFERENCES.get(name, "melora-prior1")
 
 
 def cells(data_dir: str) -> list[Cell]:
@@ -56,11 +74,9 @@ def cells(data_dir: str) -> list[Cell]:
             for name, method, epochs, extra, _ in SETTINGS]
 
 
-def omega_stats(run_dir: Path) -> str:
+def omega_stats(cell: Cell, root: Path, archive=None) -> str:
     """Omega's median [10%, 90%] at the last logged step (variational methods), else ''."""
-    log = run_dir / "train_log.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-    last = next((r for r in reversed(rows) if "omega_median" in r), None)
+    last = next((r for r in reversed(train_log(cell, root, archive)) if "omega_median" in r), None)
     if last is None:
         return ""
     return f"{last['omega_median']:.3f} [{last['omega_q10']:.3f}, {last['omega_q90']:.3f}]"
@@ -75,6 +91,7 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
     recorded_file = out.with_suffix(".json")
     recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else {}
     rows, doc, n = [], {}, recorded.get("n")
+    by_name = {cell.name: cell for cell in grid}
     for cell, (_, _, _, _, what) in zip(grid, SETTINGS):
         if not is_done(cell, root, archive):
             if cell.name in recorded.get("cells", {}):
@@ -84,10 +101,11 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
         probs, labels, metrics = read_cell(cell, root, archive)
         cost = cell_cost(cell, root, archive) or {}
         doc[cell.name] = {**{k: metrics[k] for k in ("acc", "ece", "nll", "brier")}, "what": what,
-                          "omega": omega_stats(root / cell.run_name) or recorded.get("cells", {}).get(
+                          "omega": omega_stats(cell, root, archive) or recorded.get("cells", {}).get(
                               cell.name, {}).get("omega", ""),
                           "cpu_s": cost.get("cpu_s"), "wall_s": cost.get("wall_s"), "command": cell.command(root),
-                          "acc_ci": bootstrap_ci(accuracy, probs, labels)}
+                          "acc_ci": bootstrap_ci(accuracy, probs, labels),
+                          "reference": reference(cell.name), **paired_differences(cell, by_name, root, archive)}
         rows.append(cell.name)
         n = len(labels)
     lines = [f"# Sweep on ARC-Easy validation (n = {n}), CPU profile, seed 0", "",
@@ -96,12 +114,20 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
              "guide's std at the last logged step. CPU time: user + system seconds of the cell's commands "
              "(n/a: the cell finished under a grid process that was restarted, so its cost was not recorded; "
              "its log has the wall time).", "", NOT_SWEPT, "",
-             "| cell | varied | ACC [95% CI] | ECE | NLL | Brier | Omega | CPU s |", "|---|---|---|---|---|---|---|---|"]
+             "Δ: the paired difference from the cell it changes one setting of (ref), with its 95% bootstrap CI "
+             "over the same dev questions; n/a where the predictions of either were not kept (cells run before "
+             "the archive). Omega n/a: the run directory and its log were gone before logs were archived.", "",
+             "| cell | varied | ref | ACC [95% CI] | ECE | NLL | Brier | Δ ACC | Δ ECE | Δ NLL | Omega | CPU s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in rows:
         r = doc[name]
         cpu = f"{r['cpu_s']:.0f}" if r["cpu_s"] else "n/a"
-        lines.append(f"| {name} | {r['what']} | {r['acc']:.4f} [{r['acc_ci'][0]:.3f}, {r['acc_ci'][1]:.3f}] | "
-                     f"{r['ece']:.4f} | {r['nll']:.4f} | {r['brier']:.4f} | {r['omega']} | {cpu} |")
+        ref = reference(name)
+        deltas = [_delta(r.get(f"d_{k}")) for k in ("acc", "ece", "nll")] if ref else [""] * 3
+        lines.append(f"| {name} | {r['what']} | {ref or ''} | "
+                     f"{r['acc']:.4f} [{r['acc_ci'][0]:.3f}, {r['acc_ci'][1]:.3f}] | "
+                     f"{r['ece']:.4f} | {r['nll']:.4f} | {r['brier']:.4f} | {' | '.join(deltas)} | "
+                     f"{r['omega'] or 'n/a'} | {cpu} |")
     lines += ["", "Commands:", ""] + [f"- {name}: `{doc[name]['command']}`" for name in rows]
     total = sum(doc[name]["cpu_s"] or 0 for name in rows)
     lines += ["", f"Total CPU time of the cells run: {total / 60:.1f} min."]
@@ -127,6 +153,24 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
             ax.set_title(f"dev {key.upper()} {'↑' if key == 'acc' else '↓'}")
         figure.tight_layout()
         FigureCanvasAgg(figure).print_png(str(out.with_suffix(".png")))
+
+
+def paired_differences(cell: Cell, by_name: dict, root: Path, archive=None) -> dict:
+    """``{"d_acc", "d_ece", "d_nll"}``: each ``[difference, low, high]`` of ``cell`` minus its reference
+    on the same questions (95% paired bootstrap); {} without a reference or its predictions."""
+    ref = reference(cell.name)
+    if ref is None or not is_done(by_name[ref], root, archive):
+        return {}
+    probs, labels, _ = read_cell(cell, root, archive)
+    ref_probs, ref_labels, _ = read_cell(by_name[ref], root, archive)
+    assert torch.equal(labels, ref_labels), f"{cell.name} and {ref} were scored on different questions"
+    return {f"d_{name}": [metric(probs, labels) - metric(ref_probs, labels),
+                          *bootstrap_ci(metric, probs, labels, other=ref_probs)]
+            for name, metric in (("acc", accuracy), ("ece", ece), ("nll", nll))}
+
+
+def _delta(value) -> str:
+    return "n/a" if value is None else f"{value[0]:+.4f} [{value[1]:+.3f}, {value[2]:+.3f}]"
 
 
 def main(argv=None) -> int:

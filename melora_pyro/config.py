@@ -171,6 +171,8 @@ class MethodOptions:
         kl_weight: ``melora`` / ``melora-elementwise`` / ``melora-noise`` / ``melora-diag``: the loss is
             ``nll + kl_weight * KL`` (default 1: the ELBO; below 1 a tempered posterior, above 1 one
             pulled towards the prior), ``elbo.KLScheduleELBO``.
+        antithetic: the Me-LoRA variants: each training draw of C followed by its mirror ``2 M - C``
+            (``melora_pyro.antithetic``; twice the training compute, not with ``flipout``).
     """
 
     ensemble_size: int | None = None
@@ -187,6 +189,7 @@ class MethodOptions:
     glm_samples: int | None = None
     flipout: bool | None = None
     kl_weight: float | None = None
+    antithetic: bool | None = None
 
     def __post_init__(self):
         checks = {
@@ -207,6 +210,7 @@ class MethodOptions:
             "glm_samples": (_is_int(self.glm_samples) and self.glm_samples >= 1, "a positive integer"),
             "flipout": (isinstance(self.flipout, bool), "true or false"),
             "kl_weight": (_is_number(self.kl_weight) and self.kl_weight > 0, "a positive number"),
+            "antithetic": (isinstance(self.antithetic, bool), "true or false"),
         }
         for name, (ok, expected) in checks.items():
             if getattr(self, name) is not None and not ok:

@@ -15,6 +15,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import check_model_guide_match, warn_if_nan
 from torch.distributions import kl_divergence
 
+from .antithetic import mirror, random_sites
 from .flipout import flipout
 
 
@@ -38,11 +39,30 @@ class FullWeightELBO(Trace_ELBO):
     ``flipout=True`` runs each call (all its particles) in one ``melora_pyro.flipout`` block: a model that
     supports it (``MeLoRAModel``, ``BLoBModel``) then applies its Normal latents by Flipout, with the
     noise decorrelated across examples and tokens; the KL is unchanged.
+
+    ``antithetic=True`` follows each of the ``num_particles`` draws by its mirror ``2 M - C``
+    (``melora_pyro.antithetic``) and averages the pair: the same objective, an unbiased estimate whose
+    gradient in the guide's scale loses the noise of the likelihood's gradient at M. It costs one more
+    forward and backward per draw, except for a guide without random sites (MAP), which is run once.
+    It does not combine with ``flipout`` (the model draws Flipout's noise itself).
     """
 
-    def __init__(self, *, flipout: bool = False, **kwargs):
+    def __init__(self, *, flipout: bool = False, antithetic: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.flipout = flipout
+        if flipout and antithetic:
+            raise ValueError("antithetic draws do not combine with flipout (the model draws its own noise)")
+        self.flipout, self.antithetic = flipout, antithetic
+
+    def _get_traces(self, model, guide, args, kwargs):
+        if not self.antithetic:
+            yield from super()._get_traces(model, guide, args, kwargs)
+            return
+        for _ in range(self.num_particles):
+            model_trace, guide_trace = self._get_trace(model, guide, args, kwargs)
+            yield model_trace, guide_trace
+            names = random_sites(guide_trace)
+            if names:  # the mirror handler wraps the guide alone: the replayed model takes its values
+                yield self._get_trace(model, mirror(guide_trace, names)(guide), args, kwargs)
 
     def _get_trace(self, model, guide, args, kwargs):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -65,13 +85,14 @@ class FullWeightELBO(Trace_ELBO):
         return torch_item(loss)
 
     def loss_terms(self, model, guide, *args, **kwargs) -> dict:
-        """``loss = nll + kl`` averaged over particles, with ``probs`` ``(batch, K)`` of the last one."""
+        """``loss = nll + kl`` averaged over particles (and their mirrors), with ``probs`` ``(batch, K)`` of the last one."""
         nll = kl = 0.0
+        count = 0
         with flipout() if self.flipout else contextlib.nullcontext():
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
                 particle_nll, particle_kl = self.particle_terms(model_trace, guide_trace)
-                nll, kl = nll + particle_nll, kl + particle_kl
-        nll, kl = nll / self.num_particles, kl / self.num_particles
+                nll, kl, count = nll + particle_nll, kl + particle_kl, count + 1
+        nll, kl = nll / count, kl / count
         loss = nll + kl
         if is_validation_enabled():  # reading the value synchronises a GPU
             warn_if_nan(loss, "loss")

@@ -186,8 +186,8 @@ def cell_cost(cell: Cell, root, archive=None) -> dict | None:
 
 
 def archive_cells(cells: list[Cell], root, archive) -> int:
-    """Copy each cell done under ``root`` to ``archive/<name>.{json,safetensors,cost.json}`` (its metrics,
-    predictions and cost, replacing an older copy); returns how many were copied."""
+    """Copy each cell done under ``root`` to ``archive/<name>.{json,safetensors,cost.json,train_log.jsonl}``
+    (its metrics, predictions, cost and training log, replacing an older copy); returns how many were copied."""
     copied = 0
     for cell in cells:
         try:
@@ -195,7 +195,9 @@ def archive_cells(cells: list[Cell], root, archive) -> int:
         except GridError:
             continue
         cost = Path(root) / f"{cell.name}.cost.json"
-        for source, suffix in ((result, ".json"), (_predictions_file(result), ".safetensors"), (cost, ".cost.json")):
+        log = Path(root) / cell.run_name / "train_log.jsonl"
+        for source, suffix in ((result, ".json"), (_predictions_file(result), ".safetensors"), (cost, ".cost.json"),
+                               (log, ".train_log.jsonl")):
             if source.is_file():
                 target = _archived(cell, archive, suffix)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +205,14 @@ def archive_cells(cells: list[Cell], root, archive) -> int:
                 target.with_name(target.name + ".tmp").replace(target)
         copied += 1
     return copied
+
+
+def train_log(cell: Cell, root, archive=None) -> list[dict]:
+    """The records of the cell's ``train_log.jsonl`` (from ``archive`` if its run directory has none; [] if neither)."""
+    path = Path(root) / cell.run_name / "train_log.jsonl"
+    if not path.is_file() and archive is not None:
+        path = _archived(cell, archive, ".train_log.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def _archived(cell: Cell, archive, suffix: str) -> Path:

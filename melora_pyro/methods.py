@@ -53,7 +53,7 @@ from .baselines import (BLoBELBO, BLoBGuide, BLoBModel, BLoBNLLELBO, BLoBUpdate,
                         DiagonalMeLoRAModel, EnsembleMethod, LaplaceMethod, PointMethod, PyroMethod, TemperatureScaledMethod,
                         ZeroShotMethod)
 from .config import MeLoRAConfig
-from .elbo import KLScheduleELBO, constant_kl_weight
+from .elbo import FullWeightELBO, KLScheduleELBO, constant_kl_weight
 from .errors import ConfigError
 from .model import MeLoRAModel
 from .readouts import as_readout
@@ -66,6 +66,7 @@ MC_DROPOUT = 0.1              # adapter-input dropout of mcdropout, in training 
 ENSEMBLE_SIZE = 3
 BLOB_PRIOR_STD = 0.2          # BLoB's prior N(0, 0.2^2) on A (its scripts' --bayes-prior-sigma), whatever Me-LoRA's default
 DEFAULT_PRIOR_NOISE = 0.05    # eta of melora-noise when config.prior_noise is 0
+DEFAULT_ANTITHETIC = True     # the Me-LoRA variants draw C in antithetic pairs (not with Flipout): sweep, known optimum
 VALIDATION_METHODS = ("map-ts",)  # methods that fit something on validation data (option val_examples)
 
 BaseSource = nn.Module | Callable[[], nn.Module]
@@ -117,6 +118,9 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
         flipout: for ``melora`` / ``melora-elementwise`` / ``melora-noise``: C applied by Flipout
             (``melora_pyro.flipout``: the mean path plus ``B (((A x o r) E^T) o s')``, ``E = Omega o eps``,
             signs per example and token) in training and prediction (default False: one C per draw).
+        antithetic: for the Me-LoRA variants, each training draw of C followed by its mirror ``2 M - C``
+            (``FullWeightELBO(antithetic=True)``: twice the training compute, a lower-variance gradient
+            of the guide's scale; default ``DEFAULT_ANTITHETIC``, and False with Flipout).
         eps: for ``blob`` / ``blob-adamw``, the std parameter's initial scale (``BLOB_EPS``).
         kl_lr, kl_reweighting, dataset_rescaling: for ``blob`` (see ``baselines.BLoBUpdate``).
         kl_reweighting: for ``blob-adamw`` (default True; False: the plain ELBO, KL weight 1).
@@ -295,7 +299,9 @@ def _variational(model_class, guide_class, name, **pinned):
             model = model_class(_fresh_base(base_model), config, ids, name=name.replace("-", "_"))
             guide = guide_class(model, init_scale=options.get("init_scale", config.init_scale))
             flip, weight = options.get("flipout", False), options.get("kl_weight", 1.0)
-            elbo = None if weight == 1.0 else KLScheduleELBO(constant_kl_weight(weight), flipout=flip)
+            pairs = options.get("antithetic", DEFAULT_ANTITHETIC and not flip)
+            elbo = (FullWeightELBO(flipout=flip, antithetic=pairs) if weight == 1.0
+                    else KLScheduleELBO(constant_kl_weight(weight), flipout=flip, antithetic=pairs))
             return PyroMethod(model, guide, elbo=elbo, flipout=flip, name=name)
         return _seeded(options.get("seed", 0), build)
     return builder
@@ -309,7 +315,7 @@ def _zero_shot(base_model, config, readout, options):
     return ZeroShotMethod(_fresh_base(base_model), readout)
 
 
-_GUIDE_OPTIONS = ("init_scale", "kl_weight")
+_GUIDE_OPTIONS = ("init_scale", "kl_weight", "antithetic")
 _MELORA_OPTIONS = _GUIDE_OPTIONS + ("flipout",)  # Flipout on C needs MeLoRAModel's one Normal site "C"
 _LAPLACE_OPTIONS = ("weight_decay", "prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples",
                     "predictive", "glm_samples")

@@ -93,13 +93,15 @@ class ELBOModule(nn.Module):
     DDP hooks the module's parameters, which are the very tensors ``pyro_param`` registers, so call
     the wrapped module (``accelerator.prepare(module)``), not ``module.model``, to get them synchronised.
     Autocast is switched off inside: mixed precision means a half-precision *frozen* base while A, B,
-    the guide and the KL stay float32 (see :func:`train`).
+    the guide and the KL stay float32 (see :func:`train`). Without ``elbo``: ``FullWeightELBO(antithetic=True)``,
+    each draw of C with its mirror (``melora_pyro.antithetic``: the guide's scale then reaches its optimum;
+    a guide without random sites runs once).
     """
 
     def __init__(self, model: nn.Module, guide: nn.Module, elbo: FullWeightELBO | None = None):
         super().__init__()
         self.model, self.guide = model, guide
-        self.elbo = elbo or FullWeightELBO()
+        self.elbo = elbo or FullWeightELBO(antithetic=True)
 
     def forward(self, batch: Batch, num_data: int) -> dict:
         # With Pyro's argument validation on, NaN logits raise a ValueError deep inside the model; off,
@@ -286,6 +288,7 @@ def train(model: nn.Module, guide: nn.Module, examples: Sequence, collate: Calla
         run_dir: if given, metrics go to ``run_dir/train_log.jsonl`` (one JSON object per step)
             and checkpoints to ``run_dir/checkpoints`` every ``checkpoint_every`` steps and at the end.
         resume: continue from the last complete checkpoint in ``run_dir`` (the log is cut back to it).
+        elbo: the objective; default ``FullWeightELBO(antithetic=True)`` (draws of C in mirrored pairs).
         accelerator: an ``accelerate.Accelerator``; ``None`` (default) takes :func:`launched_accelerator`
             (so a launched script needs no change), ``False`` forces single-process training.
             Every process draws the same global batch order and takes its ``batch_size`` slice;

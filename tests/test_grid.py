@@ -11,7 +11,7 @@ from melora_pyro.cli import main
 from melora_pyro.calibration import apply_temperature
 from melora_pyro.cloze import template_for
 from melora_pyro.data import load_examples
-from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
+from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid, train_log
 from melora_pyro.methods import build_method
 from melora_pyro.metrics import bootstrap_ci, ece, nll
 from melora_pyro.models import tiny_llama
@@ -181,14 +181,18 @@ def test_init_scale_is_an_adapter_setting_the_guide_starts_from():
 
 
 def test_archived_cells_outlive_their_run_directories(tmp_path, stories):
-    """``archive_cells`` keeps metrics, predictions and cost; readers and ``run_grid`` fall back to it."""
+    """``archive_cells`` keeps metrics, predictions, cost and training log; readers and ``run_grid`` fall
+    back to it."""
     root, archive = tmp_path / "runs", tmp_path / "results" / "cells"
     cell = Cell("toy/map", FLAGS + ("--method", "map"))
     assert run_grid([cell], root, log=lambda *_: None) == {"toy/map": "done"}
     probs, labels, metrics = read_cell(cell, root)
     assert archive_cells([cell, Cell("toy/never-run", FLAGS)], root, archive) == 1
-    assert sorted(p.name for p in (archive / "toy").iterdir()) == ["map.cost.json", "map.json", "map.safetensors"]
+    assert sorted(p.name for p in (archive / "toy").iterdir()) == ["map.cost.json", "map.json", "map.safetensors",
+                                                                   "map.train_log.jsonl"]
+    logged = train_log(cell, root)
     shutil.rmtree(root)
+    assert logged and train_log(cell, root, archive) == logged and train_log(cell, root) == []
     assert not is_done(cell, root) and is_done(cell, root, archive)
     kept_probs, kept_labels, kept_metrics = read_cell(cell, root, archive)
     assert torch.equal(kept_probs, probs) and torch.equal(kept_labels, labels) and kept_metrics == metrics

@@ -7,44 +7,54 @@ import pytest
 import torch
 
 from guides import MeanFieldGuide
-from melora_pyro import MeLoRAConfig, MeLoRAModel
+from melora_pyro import FullWeightELBO, MeLoRAConfig, MeLoRAModel
 from melora_pyro.methods import build_method
 from melora_pyro.models import tiny_llama
 from melora_pyro.synthetic import collate_pairs, linear_gaussian_problem, marked_token_task
 from melora_pyro.train import TrainConfig, make_optimizer, train
 
 
-def test_default_training_reaches_the_known_gaussian_optimum():
-    """Through MeanFieldGuide, FullWeightELBO and train() with TrainConfig() defaults (batch 4 of 8
-    examples, 300 steps): M within 10% (Frobenius) of the exact posterior mean, the median and 10/90%
-    quantiles of Omega within 15% of the optimum's (the issue asks 10%), every entry within 50%.
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_training_reaches_the_known_gaussian_optimum(seed):
+    """Through MeanFieldGuide and train() with its default ELBO and TrainConfig() (antithetic pairs of C,
+    batch 4 of 8 examples, 300 steps): M within 10% (Frobenius) of the exact posterior mean, Omega within
+    10% of the optimum's in the geometric mean over its entries (mean |log(Omega / Omega_opt)| < 0.1),
+    every entry within 50%.
 
-    Why 15%, and only this problem: single-draw gradients leave log Omega fluctuating about the optimum,
-    and at a constant rate the fluctuation also biases it (the gradient in log Omega is convex in it).
-    ``python -m experiments.known_optimum`` (results/known_optimum.md, 6 problem seeds): at the defaults
-    the largest quantile error is 0.11-0.33 (0.136 here), and more constant-rate steps do not help
-    (3,000: 0.14-0.33); only a decaying rate with a larger budget gets within 10% (linear decay over
-    3,000 steps: 0.03-0.09, :func:`test_annealed_training_reaches_the_known_optimum_within_10_percent`).
-    Linear decay over the 300 default steps is worse (0.10-0.45): the rates fall before M converges."""
+    ``python -m experiments.known_optimum`` (results/known_optimum.md, 6 problem seeds): with the pairs
+    the mean |log| error is 0.05-0.09 on every seed; with single draws it was 0.09-0.23 (over 0.1 on 5 of
+    6), because the noise of the likelihood's gradient at M, which the pair cancels, biased log Omega low
+    at Adam's constant rate. What is left is that constant rate's noise: the largest error of Omega's
+    10/50/90% quantiles is 0.02-0.15 (single draws: 0.11-0.33)."""
     pyro.set_rng_seed(0)
-    model, X, y = linear_gaussian_problem()
+    model, X, y = linear_gaussian_problem(seed)
     M_opt, omega_opt = model.optimum(X, y)
     guide = MeanFieldGuide(model)
     history = train(model, guide, list(zip(X, y)), collate_pairs, TrainConfig(), progress=False)
     M, omega = guide.loc.detach()[0], guide.scale.detach()[0]
     assert (M - M_opt).norm() / M_opt.norm() < 0.1
-    q = torch.tensor([0.1, 0.5, 0.9])
-    found, wanted = torch.quantile(omega.flatten(), q), torch.quantile(omega_opt.flatten(), q)
-    assert torch.all((found / wanted - 1).abs() < 0.15), (found, wanted)
+    assert (omega / omega_opt).log().abs().mean() < 0.1, omega / omega_opt
     assert torch.all((omega / omega_opt - 1).abs() < 0.5), omega / omega_opt
     assert history[-1]["omega_median"] == pytest.approx(omega.median().item(), rel=0.5)  # the logged statistics
+
+
+def test_single_draws_miss_the_known_optimum_that_antithetic_pairs_reach():
+    """The same training with ``FullWeightELBO()`` (one draw per step) on problem seed 0: Omega's mean
+    |log| error is above 0.1 (0.135 measured), so the test above can fail."""
+    pyro.set_rng_seed(0)
+    model, X, y = linear_gaussian_problem(0)
+    _, omega_opt = model.optimum(X, y)
+    guide = MeanFieldGuide(model)
+    train(model, guide, list(zip(X, y)), collate_pairs, TrainConfig(), elbo=FullWeightELBO(), progress=False)
+    assert (guide.scale.detach()[0] / omega_opt).log().abs().mean() > 0.1
 
 
 @pytest.mark.slow  # two trainings of 3,000 steps: about 20 s
 @pytest.mark.parametrize("seed", [0, 1])
 def test_annealed_training_reaches_the_known_optimum_within_10_percent(seed):
-    """The issue's 10%, where the study (experiments.known_optimum) finds it reachable: the default guide,
-    ELBO and rates with the learning rates decayed linearly to 0 over 3,000 steps."""
+    """The issue's 10% for every quantile of Omega, where the study (experiments.known_optimum) finds it
+    reachable: the default guide, ELBO and rates with the learning rates decayed linearly to 0 over 3,000
+    steps."""
     pyro.set_rng_seed(0)
     model, X, y = linear_gaussian_problem(seed)
     M_opt, omega_opt = model.optimum(X, y)
