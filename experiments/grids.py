@@ -29,10 +29,10 @@ BATCH_SIZE = 8
 NORMALIZATION = {"arc-c": "char", "obqa": "char"}
 
 
-# Every Me-LoRA cell of these grids ran with one draw of C per step, before antithetic pairs became the
-# Me-LoRA default (results/sweep_arc-e_dev.md, melora-antithetic): pinned, so each printed command still
-# reproduces its archived cell. A cell that sets --antithetic itself keeps its own.
-SINGLE_DRAW = ("--antithetic", "false")
+# Every Me-LoRA cell of these grids ran with one draw of C per step and the ELBO (KL weight 1), before
+# antithetic pairs and a KL weight of 0.1 became the Me-LoRA defaults (results/sweep_arc-e_dev.md): pinned, so
+# each printed command still reproduces its archived cell. A cell that sets one of them keeps its own.
+MELORA_PINNED = {"--antithetic": "false", "--kl-weight": "1"}
 
 
 def steps_for(dataset: str, data_dir: str, epochs: float, train_limit: int | None = None) -> int:
@@ -50,7 +50,8 @@ def train_flags(method: str, dataset: str, data_dir: str, epochs: float = 1, see
     samples = "0" if method in ("zero-shot", "map", "mle") else str(eval_samples)
     norm = ("--normalization", NORMALIZATION[dataset]) if dataset in NORMALIZATION else ()
     limit = ("--train-limit", str(train_limit)) if train_limit else ()
-    pinned = SINGLE_DRAW if method.startswith("melora") and "--antithetic" not in extra else ()
+    pinned = [a for flag, value in MELORA_PINNED.items() if method.startswith("melora") and flag not in extra
+              for a in (flag, value)]
     return ("--method", method, "--dataset", dataset, "--data-dir", data_dir, *flags, *norm, *limit,
             "--steps", str(steps_for(dataset, data_dir, epochs, train_limit) if method != "zero-shot" else 1),
             "--seed", str(seed), "--eval-split", eval_split, "--eval-samples", samples, *pinned, *extra)

@@ -94,8 +94,8 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
     by_name = {cell.name: cell for cell in grid}
     for cell, (_, _, _, _, what) in zip(grid, SETTINGS):
         if not is_done(cell, root, archive):
-            if cell.name in recorded.get("cells", {}):
-                doc[cell.name] = recorded["cells"][cell.name]
+            if cell.name in recorded.get("cells", {}):  # its metrics as recorded, its command as the grid has it
+                doc[cell.name] = {**recorded["cells"][cell.name], "command": cell.command(root)}
                 rows.append(cell.name)
             continue
         probs, labels, metrics = read_cell(cell, root, archive)

@@ -169,10 +169,10 @@ class MethodOptions:
         flipout: ``melora`` / ``melora-elementwise`` / ``melora-noise``: C applied by Flipout, signs per
             example and token, in training and prediction (default false: one C per draw for the batch).
         kl_weight: ``melora`` / ``melora-elementwise`` / ``melora-noise`` / ``melora-diag``: the loss is
-            ``nll + kl_weight * KL`` (default 1: the ELBO; below 1 a tempered posterior, above 1 one
-            pulled towards the prior), ``elbo.KLScheduleELBO``.
+            ``nll + kl_weight * KL`` (default 0.1, ``methods.DEFAULT_KL_WEIGHT``, chosen on ARC-Easy dev:
+            a tempered posterior; 1: the ELBO; above 1 one pulled towards the prior), ``elbo.KLScheduleELBO``.
         antithetic: the Me-LoRA variants: each training draw of C followed by its mirror ``2 M - C``
-            (``melora_pyro.antithetic``; twice the training compute, not with ``flipout``).
+            (``melora_pyro.antithetic``; twice the training compute; default true, false with ``flipout``).
     """
 
     ensemble_size: int | None = None
