@@ -33,15 +33,22 @@ from melora_pyro.plots import reliability_diagram
 from .grids import PROFILES, difference_table, method_table, signal_line, temperature_cell, train_flags
 
 METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "melora", "melora-ts")
-VARIANTS = ("melora-elementwise", "melora-diag", "melora-flipout", "blob-adamw")  # the ablation table
-OPTION_VARIANTS = {"melora-flipout": ("melora", ("--flipout", "true"))}  # a method run with extra flags
-ABLATION_ORDER = ("melora", "melora-elementwise", "melora-diag", "melora-flipout", "blob", "blob-adamw")
+VARIANTS = ("melora-elementwise", "melora-diag", "melora-flipout", "blob-adamw", "melora-kl0.1-pairs",
+            "melora-kl0.1-pairs-ts")  # the ablation table
+# A method run with extra flags. melora-kl0.1-pairs: Me-LoRA with the defaults the dev sweep chose after the
+# comparison's melora cells had run (KL weight 0.1, antithetic pairs; results/sweep_arc-e_dev.md).
+OPTION_VARIANTS = {"melora-flipout": ("melora", ("--flipout", "true")),
+                   "melora-kl0.1-pairs": ("melora", ("--kl-weight", "0.1", "--antithetic", "true"))}
+ABLATION_ORDER = ("melora", "melora-elementwise", "melora-diag", "melora-flipout", "melora-kl0.1-pairs",
+                  "melora-kl0.1-pairs-ts", "map", "map-ts", "blob", "blob-adamw")
 PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"), ("blob", "map"), ("map", "zero-shot"),
          ("mle", "map"), ("mcdropout", "map"), ("ensemble", "map"), ("laplace", "map"), ("laplace", "map-ts"),
          ("melora", "laplace"))
 ABLATION_PAIRS = (("melora-elementwise", "melora"), ("melora-diag", "melora"), ("melora-flipout", "melora"),
-                  ("blob-adamw", "blob"))
-SCALED = {"map-ts": "map", "melora-ts": "melora"}  # a temperature on top of which trained run
+                  ("melora-kl0.1-pairs", "melora"), ("melora-kl0.1-pairs", "map"), ("melora-kl0.1-pairs", "map-ts"),
+                  ("melora-kl0.1-pairs-ts", "map-ts"), ("blob-adamw", "blob"))
+SCALED = {"map-ts": "map", "melora-ts": "melora",  # a temperature on top of which trained run
+          "melora-kl0.1-pairs-ts": "melora-kl0.1-pairs"}
 DATASETS = ("arc-e", "arc-c", "obqa", "wg-s", "boolq")
 PRIORITY = ("zero-shot", "map", "map-ts", "blob", "melora", "melora-ts")  # the first grid, 3 seeds
 
