@@ -95,7 +95,10 @@ def start_training(run: Path, steps: int = 100_000) -> subprocess.Popen:
     child = subprocess.Popen([sys.executable, "-m", "melora_pyro.cli", "train", *T, "--steps", str(steps),
                               "--checkpoint-every", "1", "--run-dir", str(run)], cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             # Ctrl-C as in a terminal: a run started in the background (`cmd &`) inherits
+                             # SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while find_latest_checkpoint(run) is None:
         if child.poll() is not None or time.monotonic() > deadline:
