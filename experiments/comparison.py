@@ -30,15 +30,11 @@ from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.plots import reliability_diagram
 
-from .grids import PROFILES, difference_table, method_table, signal_line, temperature_cell, train_flags
+from .grids import OPTION_VARIANTS, PROFILES, difference_table, method_table, signal_line, temperature_cell, train_flags
 
 METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "melora", "melora-ts")
 VARIANTS = ("melora-elementwise", "melora-diag", "melora-flipout", "blob-adamw", "melora-kl0.1-pairs",
             "melora-kl0.1-pairs-ts")  # the ablation table
-# A method run with extra flags. melora-kl0.1-pairs: Me-LoRA with the defaults the dev sweep chose after the
-# comparison's melora cells had run (KL weight 0.1, antithetic pairs; results/sweep_arc-e_dev.md).
-OPTION_VARIANTS = {"melora-flipout": ("melora", ("--flipout", "true")),
-                   "melora-kl0.1-pairs": ("melora", ("--kl-weight", "0.1", "--antithetic", "true"))}
 ABLATION_ORDER = ("melora", "melora-elementwise", "melora-diag", "melora-flipout", "melora-kl0.1-pairs",
                   "melora-kl0.1-pairs-ts", "map", "map-ts", "blob", "blob-adamw")
 PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"), ("blob", "map"), ("map", "zero-shot"),

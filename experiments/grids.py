@@ -33,6 +33,12 @@ NORMALIZATION = {"arc-c": "char", "obqa": "char"}
 # antithetic pairs and a KL weight of 0.1 became the Me-LoRA defaults (results/sweep_arc-e_dev.md): pinned, so
 # each printed command still reproduces its archived cell. A cell that sets one of them keeps its own.
 MELORA_PINNED = {"--antithetic": "false", "--kl-weight": "1"}
+# Methods run with extra flags: ``{variant: (method, flags)}``. melora-kl0.1-pairs is Me-LoRA with the
+# defaults the dev sweep chose (KL weight 0.1, antithetic pairs); melora-pairs keeps the ELBO's KL weight 1
+# and changes only the draws.
+OPTION_VARIANTS = {"melora-flipout": ("melora", ("--flipout", "true")),
+                   "melora-kl0.1-pairs": ("melora", ("--kl-weight", "0.1", "--antithetic", "true")),
+                   "melora-pairs": ("melora", ("--antithetic", "true"))}
 
 
 def steps_for(dataset: str, data_dir: str, epochs: float, train_limit: int | None = None) -> int:

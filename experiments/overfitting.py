@@ -1,13 +1,16 @@
 """The regime where point estimates overfit (BLoB's: a small training set, many epochs), CPU profile.
 
     python -m experiments.overfitting --data-dir ../shared/data [--seeds 0 1 2] [--root runs/overfitting]
+        [--methods map melora melora-kl0.1-pairs melora-pairs] [--epochs 1 2 4 8]
 
 OpenBookQA (``char`` cloze scoring, the dataset with signal whose zero-shot model is already near
 calibrated), a 500-question subset of its train split (drawn with the run's seed, so each seed trains on
 its own subset, the same for MAP and Me-LoRA), MAP and Me-LoRA trained for 1, 2, 4 and 8 epochs
-(``EPOCHS``, fixed before any run), each scored on the full test split; ``map-ts`` / ``melora-ts`` score
-the same runs again with one temperature fitted on the dev split. Nothing is chosen from the test
-numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), resumable; finished cells are
+(``EPOCHS``, fixed before any run), each scored on the full test split; ``<method>-ts`` scores the same
+run again with one temperature fitted on the dev split. ``melora`` keeps the settings these cells first ran
+with (one draw of C, KL weight 1); ``melora-kl0.1-pairs`` is Me-LoRA with the defaults the dev sweep chose
+later (KL weight 0.1, antithetic pairs) and ``melora-pairs`` changes only the draws (``grids.OPTION_VARIANTS``);
+``--methods`` picks which trained methods run. Nothing is chosen from the test numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), resumable; finished cells are
 kept in ``results/overfitting_obqa_cells/`` (``grid.archive_cells``), and it writes
 ``results/overfitting_obqa.{md,json,png}``: per epoch count, ACC / ECE / NLL as mean ± std over the seeds
 and the 95% paired-bootstrap CIs of the seed-mean differences Me-LoRA - MAP and Me-LoRA - MAP+TS.
@@ -26,24 +29,28 @@ import torch
 from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 
-from .grids import BATCH_SIZE, difference_table, method_table, temperature_cell, train_flags
+from .grids import BATCH_SIZE, OPTION_VARIANTS, difference_table, method_table, temperature_cell, train_flags
 
 DATASET, TRAIN_LIMIT = "obqa", 500
 EPOCHS = (1, 2, 4, 8)
 ALL_SEEDS = (0, 1, 2)
-METHODS = ("map", "map-ts", "melora", "melora-ts")
-PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"))
+TRAINED = ("map", "melora", "melora-kl0.1-pairs", "melora-pairs")
+METHODS = tuple(m for trained in TRAINED for m in (trained, f"{trained}-ts"))
+PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"),
+         *((variant, reference) for variant in TRAINED[2:] for reference in ("map", "map-ts", "melora")),
+         *((f"{variant}-ts", "map-ts") for variant in TRAINED[2:]))
 
 
-def cells(data_dir: str, seeds=(0,)) -> list[Cell]:
-    """Per seed and epoch count: the MAP and Me-LoRA runs, then their temperature-scaled scorings
-    (cells ``<method>-<epochs>ep-s<seed>``)."""
+def cells(data_dir: str, seeds=(0,), methods=TRAINED, epoch_counts=EPOCHS) -> list[Cell]:
+    """Per seed and epoch count: the runs of ``methods`` (of ``TRAINED``), each followed by its
+    temperature-scaled scoring (cells ``<method>[-ts]-<epochs>ep-s<seed>``)."""
     grid = []
     for seed in seeds:
-        for epochs in EPOCHS:
-            for method in ("map", "melora"):
-                trained = Cell(f"{method}-{epochs}ep-s{seed}", train_flags(method, DATASET, data_dir, epochs,
-                                                                         seed=seed, train_limit=TRAIN_LIMIT))
+        for epochs in epoch_counts:
+            for method in methods:
+                runs, extra = OPTION_VARIANTS.get(method, (method, ()))
+                trained = Cell(f"{method}-{epochs}ep-s{seed}", train_flags(runs, DATASET, data_dir, epochs, seed=seed,
+                                                                         extra=extra, train_limit=TRAIN_LIMIT))
                 grid += [trained, temperature_cell(trained, f"{method}-ts-{epochs}ep-s{seed}")]
     return grid
 
@@ -51,7 +58,7 @@ def cells(data_dir: str, seeds=(0,)) -> list[Cell]:
 def report(grid: list[Cell], root: Path, out: Path, archive=None) -> str:
     """Write ``out.{md,json,png}`` from the done cells of ``grid``: one section per epoch count."""
     by_epochs: dict[int, dict[str, list]] = {e: {} for e in EPOCHS}
-    cpu, seeds = 0.0, set()
+    cpu, seeds, trained = 0.0, set(), set()
     for cell in grid:
         if is_done(cell, root, archive):
             method, epochs, seed = cell.name.rsplit("-", 2)
@@ -59,10 +66,12 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> str:
             by_epochs[int(epochs[:-2])].setdefault(method, []).append((cell, probs, labels, metrics))
             cpu += (cell_cost(cell, root, archive) or {}).get("cpu_s", 0.0)
             seeds.add(int(seed[1:]))
+            trained.add(method.removesuffix("-ts"))
     lines = [f"# Overfitting regime: OBQA, {TRAIN_LIMIT} training questions, 1-8 epochs (CPU profile, "
              f"seeds {', '.join(map(str, sorted(seeds)))})", "",
              "Command: `python -m experiments.overfitting --data-dir ../shared/data --seeds "
-             f"{' '.join(map(str, sorted(seeds)))}`", "",
+             f"{' '.join(map(str, sorted(seeds)))} --methods {' '.join(m for m in TRAINED if m in trained)}` "
+             "(each cell's own command below)", "",
              f"SmolLM2-135M, `char` cloze scoring, a {TRAIN_LIMIT}-question subset of the OBQA train split drawn "
              "with each run's seed (MAP and Me-LoRA of a seed train on the same one), the profile of the "
              "comparison otherwise (top-2 layers + lm_head over the prefix cache, lr 3e-4, batch 8); the epoch "
@@ -117,6 +126,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(TRAINED[:2]), choices=TRAINED,
+                        help="the trained methods to run (each with its -ts scoring)")
+    parser.add_argument("--epochs", nargs="+", type=int, default=list(EPOCHS), choices=EPOCHS,
+                        help="the epoch counts to run")
     parser.add_argument("--root", default="runs/overfitting", help="where the run directories go")
     parser.add_argument("--out", default=f"results/overfitting_{DATASET}")
     parser.add_argument("--archive", help="where finished cells are kept (default <out>_cells)")
@@ -125,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the cells run as subprocesses; the bootstrap is tiny ops
-    grid, archive = cells(args.data_dir, args.seeds), args.archive or f"{args.out}_cells"
+    grid, archive = cells(args.data_dir, args.seeds, args.methods, args.epochs), args.archive or f"{args.out}_cells"
     try:
         status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs, threads=args.threads,
                                                       archive=archive)

@@ -271,6 +271,14 @@ def test_the_overfitting_grid_trains_each_epoch_count_and_seed_once_on_that_seed
     from .conftest import SHARED_DIR
     grid = {c.name: c for c in overfitting.cells(str(SHARED_DIR / "data"), seeds=(0, 2))}
     assert set(grid) == {f"{m}-{e}ep-s{s}" for m in overfitting.METHODS for e in overfitting.EPOCHS for s in (0, 2)}
+    for variant, kl_weight, antithetic in (("melora", "1", "false"), ("melora-kl0.1-pairs", "0.1", "true"),
+                                           ("melora-pairs", "1", "true")):  # the same training set, its own settings
+        flags = grid[f"{variant}-8ep-s2"].flags
+        assert flags[flags.index("--method") + 1] == "melora"
+        assert flags[flags.index("--kl-weight") + 1] == kl_weight and flags.count("--kl-weight") == 1
+        assert flags[flags.index("--antithetic") + 1] == antithetic and flags.count("--antithetic") == 1
+    only = overfitting.cells(str(SHARED_DIR / "data"), (1,), ("melora-pairs",), (8,))
+    assert {c.name for c in only} == {"melora-pairs-8ep-s1", "melora-pairs-ts-8ep-s1"}
     for seed in (0, 2):
         for epochs in overfitting.EPOCHS:
             flags = grid[f"melora-{epochs}ep-s{seed}"].flags
