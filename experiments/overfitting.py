@@ -1,18 +1,18 @@
 """The regime where point estimates overfit (BLoB's: a small training set, many epochs), CPU profile.
 
-    python -m experiments.overfitting --data-dir ../shared/data [--seeds 0 1 2] [--root runs/overfitting]
-        [--methods map melora melora-kl0.1-pairs melora-pairs] [--epochs 1 2 4 8]
+    python -m experiments.overfitting --data-dir ../shared/data [--dataset obqa] [--seeds 0 1 2]
+        [--methods map melora melora-kl0.1-pairs melora-pairs] [--epochs 1 2 4 8] [--root runs/overfitting/<dataset>]
 
-OpenBookQA (``char`` cloze scoring, the dataset with signal whose zero-shot model is already near
-calibrated), a 500-question subset of its train split (drawn with the run's seed, so each seed trains on
-its own subset, the same for MAP and Me-LoRA), MAP and Me-LoRA trained for 1, 2, 4 and 8 epochs
-(``EPOCHS``, fixed before any run), each scored on the full test split; ``<method>-ts`` scores the same
+OpenBookQA by default (``char`` cloze scoring, the dataset with signal whose zero-shot model is already near
+calibrated; ``--dataset arc-e`` runs the same design on ARC-Easy), a 500-question subset of its train split
+(drawn with the run's seed, so each seed trains on its own subset, the same for MAP and Me-LoRA), MAP and
+Me-LoRA trained for 1, 2, 4 and 8 epochs (``EPOCHS``, fixed before any run), each scored on the full test split; ``<method>-ts`` scores the same
 run again with one temperature fitted on the dev split. ``melora`` keeps the settings these cells first ran
 with (one draw of C, KL weight 1); ``melora-kl0.1-pairs`` is Me-LoRA with the defaults the dev sweep chose
 later (KL weight 0.1, antithetic pairs) and ``melora-pairs`` changes only the draws (``grids.OPTION_VARIANTS``);
 ``--methods`` picks which trained methods run. Nothing is chosen from the test numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), resumable; finished cells are
-kept in ``results/overfitting_obqa_cells/`` (``grid.archive_cells``), and it writes
-``results/overfitting_obqa.{md,json,png}``: per epoch count, ACC / ECE / NLL as mean ± std over the seeds
+kept in ``results/overfitting_<dataset>_cells/`` (``grid.archive_cells``), and it writes
+``results/overfitting_<dataset>.{md,json,png}``: per epoch count, ACC / ECE / NLL as mean ± std over the seeds
 and the 95% paired-bootstrap CIs of the seed-mean differences Me-LoRA - MAP and Me-LoRA - MAP+TS.
 """
 from __future__ import annotations
@@ -29,9 +29,9 @@ import torch
 from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 
-from .grids import BATCH_SIZE, OPTION_VARIANTS, difference_table, method_table, temperature_cell, train_flags
+from .grids import BATCH_SIZE, NORMALIZATION, OPTION_VARIANTS, difference_table, method_table, temperature_cell, train_flags
 
-DATASET, TRAIN_LIMIT = "obqa", 500
+DATASETS, TRAIN_LIMIT = ("obqa", "arc-e"), 500
 EPOCHS = (1, 2, 4, 8)
 ALL_SEEDS = (0, 1, 2)
 TRAINED = ("map", "melora", "melora-kl0.1-pairs", "melora-pairs")
@@ -41,7 +41,7 @@ PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"),
          *((f"{variant}-ts", "map-ts") for variant in TRAINED[2:]))
 
 
-def cells(data_dir: str, seeds=(0,), methods=TRAINED, epoch_counts=EPOCHS) -> list[Cell]:
+def cells(data_dir: str, seeds=(0,), methods=TRAINED, epoch_counts=EPOCHS, dataset: str = DATASETS[0]) -> list[Cell]:
     """Per seed and epoch count: the runs of ``methods`` (of ``TRAINED``), each followed by its
     temperature-scaled scoring (cells ``<method>[-ts]-<epochs>ep-s<seed>``)."""
     grid = []
@@ -49,14 +49,14 @@ def cells(data_dir: str, seeds=(0,), methods=TRAINED, epoch_counts=EPOCHS) -> li
         for epochs in epoch_counts:
             for method in methods:
                 runs, extra = OPTION_VARIANTS.get(method, (method, ()))
-                trained = Cell(f"{method}-{epochs}ep-s{seed}", train_flags(runs, DATASET, data_dir, epochs, seed=seed,
+                trained = Cell(f"{method}-{epochs}ep-s{seed}", train_flags(runs, dataset, data_dir, epochs, seed=seed,
                                                                          extra=extra, train_limit=TRAIN_LIMIT))
                 grid += [trained, temperature_cell(trained, f"{method}-ts-{epochs}ep-s{seed}")]
     return grid
 
 
-def report(grid: list[Cell], root: Path, out: Path, archive=None) -> str:
-    """Write ``out.{md,json,png}`` from the done cells of ``grid``: one section per epoch count."""
+def report(grid: list[Cell], root: Path, out: Path, archive=None, dataset: str = DATASETS[0]) -> str:
+    """Write ``out.{md,json,png}`` from the done cells of ``grid`` (``dataset``'s): one section per epoch count."""
     by_epochs: dict[int, dict[str, list]] = {e: {} for e in EPOCHS}
     cpu, seeds, trained = 0.0, set(), set()
     for cell in grid:
@@ -67,16 +67,19 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> str:
             cpu += (cell_cost(cell, root, archive) or {}).get("cpu_s", 0.0)
             seeds.add(int(seed[1:]))
             trained.add(method.removesuffix("-ts"))
-    lines = [f"# Overfitting regime: OBQA, {TRAIN_LIMIT} training questions, 1-8 epochs (CPU profile, "
+    n_test = len(next(r for by_method in by_epochs.values() for rows in by_method.values() for r in rows)[2]) \
+        if any(by_epochs.values()) else 0
+    lines = [f"# Overfitting regime: {dataset}, {TRAIN_LIMIT} training questions, 1-8 epochs (CPU profile, "
              f"seeds {', '.join(map(str, sorted(seeds)))})", "",
-             "Command: `python -m experiments.overfitting --data-dir ../shared/data --seeds "
+             f"Command: `python -m experiments.overfitting --data-dir ../shared/data --dataset {dataset} --seeds "
              f"{' '.join(map(str, sorted(seeds)))} --methods {' '.join(m for m in TRAINED if m in trained)}` "
              "(each cell's own command below)", "",
-             f"SmolLM2-135M, `char` cloze scoring, a {TRAIN_LIMIT}-question subset of the OBQA train split drawn "
+             f"SmolLM2-135M, `{NORMALIZATION.get(dataset, 'sum')}` cloze scoring, a {TRAIN_LIMIT}-question subset "
+             f"of the {dataset} train split drawn "
              "with each run's seed (MAP and Me-LoRA of a seed train on the same one), the profile of the "
              "comparison otherwise (top-2 layers + lm_head over the prefix cache, lr 3e-4, batch 8); the epoch "
-             "counts were fixed before any run. Test: the full split (500 questions); temperatures (-ts) fitted "
-             "on the dev split. Mean ± std over the seeds.", ""]
+             f"counts were fixed before any run. Test: the full split ({n_test} questions); temperatures (-ts) "
+             "fitted on the dev split. Mean ± std over the seeds.", ""]
     doc = {}
     for epochs, by_method in by_epochs.items():
         if not by_method:
@@ -125,29 +128,32 @@ def _plot(by_epochs: dict, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--dataset", default=DATASETS[0], choices=DATASETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(TRAINED[:2]), choices=TRAINED,
                         help="the trained methods to run (each with its -ts scoring)")
     parser.add_argument("--epochs", nargs="+", type=int, default=list(EPOCHS), choices=EPOCHS,
                         help="the epoch counts to run")
-    parser.add_argument("--root", default="runs/overfitting", help="where the run directories go")
-    parser.add_argument("--out", default=f"results/overfitting_{DATASET}")
+    parser.add_argument("--root", help="where the run directories go (default runs/overfitting/<dataset>)")
+    parser.add_argument("--out", help="the results' path without suffix (default results/overfitting_<dataset>)")
     parser.add_argument("--archive", help="where finished cells are kept (default <out>_cells)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (the CPU threads are split)")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the cores / --jobs)")
     parser.add_argument("--report-only", action="store_true", help="write the tables from the finished cells")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the cells run as subprocesses; the bootstrap is tiny ops
-    grid, archive = cells(args.data_dir, args.seeds, args.methods, args.epochs), args.archive or f"{args.out}_cells"
+    root, out = args.root or f"runs/overfitting/{args.dataset}", args.out or f"results/overfitting_{args.dataset}"
+    grid = cells(args.data_dir, args.seeds, args.methods, args.epochs, args.dataset)
+    archive = args.archive or f"{out}_cells"
     try:
-        status = {} if args.report_only else run_grid(grid, args.root, jobs=args.jobs, threads=args.threads,
+        status = {} if args.report_only else run_grid(grid, root, jobs=args.jobs, threads=args.threads,
                                                       archive=archive)
     except GridError as e:  # another grid holds the root
         print(f"error: {e}", file=sys.stderr)
         return 2
-    every = cells(args.data_dir, ALL_SEEDS)  # the table shows every seed finished, whichever this call ran
-    archive_cells(every, args.root, archive)  # what the table is rebuilt from when the run directories are gone
-    print(report(every, Path(args.root), Path(args.out), archive))
+    every = cells(args.data_dir, ALL_SEEDS, dataset=args.dataset)  # every seed finished, whichever this call ran
+    archive_cells(every, root, archive)  # what the table is rebuilt from when the run directories are gone
+    print(report(every, Path(root), Path(out), archive, args.dataset))
     return 1 if any(v != "done" for v in status.values()) else 0
 
 
