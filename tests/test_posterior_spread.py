@@ -1,0 +1,35 @@
+"""experiments.posterior_spread: disagreement statistics, and the per-draw scoring of a real trained run."""
+import json
+import math
+
+import pytest
+import torch
+
+from experiments import posterior_spread
+from melora_pyro.cli import main
+
+from .test_cli import QUICK
+
+
+def test_spread_is_zero_for_identical_draws_and_log2_for_two_confident_opposite_ones():
+    same = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]).expand(3, 2, 3)
+    assert posterior_spread.spread(same)["disagreement"] == 0
+    assert posterior_spread.spread(same)["mutual_information"] == pytest.approx(0, abs=1e-6)
+    opposite = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])             # 2 draws, 1 question
+    result = posterior_spread.spread(opposite)
+    assert result["disagreement"] == 1
+    assert result["mutual_information"] == pytest.approx(math.log(2)) == result["predictive_entropy"]
+
+
+def test_measure_scores_each_draw_and_the_posterior_mean_of_a_trained_run(tmp_path, stories):
+    run_dir = tmp_path / "run"  # trained and scored at the posterior mean: the reference for the mean row
+    assert main(["train", *QUICK, "--method", "melora", "--eval-samples", "0", "--run-dir", str(run_dir)]) == 0
+    result = posterior_spread.measure(run_dir, samples=3, progress=False)
+    reference = json.loads((run_dir / "metrics.json").read_text())
+    assert result["n"] == reference["n"] == 8 and result["samples"] == 3
+    for key in ("acc", "ece", "nll", "brier"):
+        assert result["posterior_mean"][key] == pytest.approx(reference[key], abs=1e-5)
+    assert 0 <= result["disagreement"] <= 1 and -1e-6 <= result["mutual_information"] <= result["predictive_entropy"]
+    with pytest.raises(ValueError, match="samples must be >= 2"):
+        posterior_spread.measure(run_dir, samples=1)
+    assert posterior_spread.main(["--run-dir", str(tmp_path / "missing")]) == 2
