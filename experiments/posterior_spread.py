@@ -1,7 +1,7 @@
 """How much a trained run's posterior draws disagree: is the model average doing anything?
 
     python -m experiments.posterior_spread --run-dir runs/overfitting/arc-e/melora-8ep-s0 [--samples 4]
-        [--eval-limit 600] [--out results/posterior_spread_arc-e-8ep-s0]
+        [--eval-split validation] [--eval-limit 600] [--widths 1 4 16] [--out results/posterior_spread_arc-e-8ep-s0]
 
 Loads a finished run of a sampling method (``melora_pyro.pipeline.load_run``: it trains nothing) and scores
 its evaluation split once per posterior draw (``method.predict(batch, 1)``, ``--samples`` times) and once
@@ -11,11 +11,17 @@ of the posterior mean; how often two draws pick different answers; the mutual in
 answer and the draw, ``I = H[mean_s p_s] - mean_s H[p_s]`` in nats (the epistemic part of the predictive
 entropy), against the predictive entropy itself. When the draws agree (I near 0) the model average equals
 each draw and cannot correct their confidence, whatever the width of q(C).
+
+``--widths``: the draws are repeated with the guide's scale Omega multiplied by each factor (a mean-field
+guide's ``log_scale``; the run's files are not touched), to see whether a wider q(C) than the ELBO's would
+calibrate the model average. Judge a width on ``--eval-split validation``, never on test.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -47,51 +53,86 @@ def spread(draws: torch.Tensor) -> dict[str, float]:
             "predictive_entropy": float(entropy(average).mean())}
 
 
-def measure(run_dir, samples: int = 4, eval_limit: int | None = None, progress: bool = True) -> dict:
-    """Score ``run_dir``'s evaluation split per draw, averaged and at the posterior mean (see the module)."""
+@contextlib.contextmanager
+def widened(guide, factor: float):
+    """Within the block, ``guide``'s Omega is ``factor`` times its trained value (a guide with ``log_scale``)."""
+    if factor == 1:
+        yield
+        return
+    if factor <= 0 or not hasattr(guide, "log_scale"):
+        raise ValueError(f"width factor {factor}: needs a factor > 0 and a guide with log_scale (mean-field), "
+                         f"got {type(guide).__name__}")
+    trained = guide.log_scale.detach().clone()
+    with torch.no_grad():
+        guide.log_scale.add_(math.log(factor))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            guide.log_scale.copy_(trained)
+
+
+def measure(run_dir, samples: int = 4, eval_limit: int | None = None, eval_split: str | None = None,
+            widths=(1.0,), progress: bool = True) -> dict:
+    """Score ``run_dir``'s evaluation split (or ``eval_split``) per draw at each Omega factor in ``widths``,
+    averaged, and at the posterior mean (see the module)."""
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to measure disagreement, got {samples}")
     settings = load_settings(run_dir)
-    settings = replace(settings, eval_limit=eval_limit or settings.eval_limit)
+    settings = replace(settings, eval_limit=eval_limit or settings.eval_limit,
+                       eval_split=eval_split or settings.eval_split)
     method, task = load_run(settings, run_dir)
 
     def scored(num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         return evaluate(lambda batch: method.predict(batch, num_samples), task.eval, task.collate,
                         settings.eval_batch_size, progress=progress)
 
-    draws, labels = zip(*(scored(1) for _ in range(samples)))
-    draws, labels = torch.stack(draws), labels[0]
-    mean_probs, _ = scored(0)
-    per_draw = [summarize(p, labels) for p in draws]
+    mean_probs, labels = scored(0)
+    by_width = {}
+    for factor in widths:
+        with widened(method.guide, factor):
+            draws = torch.stack([scored(1)[0] for _ in range(samples)])
+        per_draw = [summarize(p, labels) for p in draws]
+        by_width[str(factor)] = {"one_draw": {k: sum(m[k] for m in per_draw) / samples for k in per_draw[0]},
+                                 "model_average": summarize(draws.mean(0), labels), **spread(draws)}
     return {"run_dir": str(run_dir), "method": settings.method, "dataset": settings.scored_dataset,
             "split": settings.eval_split, "n": len(labels), "samples": samples,
-            "one_draw": {k: sum(m[k] for m in per_draw) / samples for k in per_draw[0]},
-            "model_average": summarize(draws.mean(0), labels), "posterior_mean": summarize(mean_probs, labels),
-            **spread(draws)}
+            "posterior_mean": summarize(mean_probs, labels), "widths": by_width}
 
 
 def markdown(result: dict, command: str) -> str:
-    rows = [(name, result[key]) for name, key in (("one draw (mean over draws)", "one_draw"),
-                                                  (f"model average of {result['samples']} draws", "model_average"),
-                                                  ("posterior mean of C", "posterior_mean"))]
     lines = [f"# Posterior spread: {result['run_dir']}", "", f"Command: `{command}`", "",
-             f"{result['method']} on {result['dataset']} {result['split']} (n = {result['n']}).", "",
-             "| prediction | ACC | ECE | NLL | Brier |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {m['acc']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} | {m['brier']:.4f} |" for name, m in rows]
-    lines += ["", f"Draws disagree on {100 * result['disagreement']:.1f} % of (pair, question); mutual information "
-              f"{result['mutual_information']:.4f} nats of a predictive entropy of {result['predictive_entropy']:.4f}.", ""]
-    return "\n".join(lines)
+             f"{result['method']} on {result['dataset']} {result['split']} (n = {result['n']}); "
+             f"{result['samples']} draws per Omega factor (1: the trained q(C)). MI: mutual information between "
+             "answer and draw, H: predictive entropy (nats); disagree: pairs of draws with different answers.", "",
+             "| Omega x | prediction | ACC | ECE | NLL | Brier | disagree | MI | H |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def row(width, name, m, extra=("", "", "")):
+        return f"| {width} | {name} | {m['acc']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} | {m['brier']:.4f} | " \
+               + " | ".join(extra) + " |"
+
+    lines.append(row("", "posterior mean of C", result["posterior_mean"]))
+    for width, r in result["widths"].items():
+        lines.append(row(width, "one draw (mean over draws)", r["one_draw"]))
+        lines.append(row(width, f"model average of {result['samples']} draws", r["model_average"],
+                         (f"{100 * r['disagreement']:.1f} %", f"{r['mutual_information']:.4f}",
+                          f"{r['predictive_entropy']:.4f}")))
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--samples", type=int, default=4, help="posterior draws, each scored alone (>= 2)")
-    parser.add_argument("--eval-limit", type=int, help="score the first N questions of the split only")
+    parser.add_argument("--eval-split", help="the split to score (default: the run's own evaluation split)")
+    parser.add_argument("--eval-limit", type=int, help="score a seeded subset of N questions of the split only")
+    parser.add_argument("--widths", nargs="+", type=float, default=[1.0],
+                        help="factors on the guide's Omega, each scored with its own draws")
     parser.add_argument("--out", help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
     try:
-        result = measure(args.run_dir, args.samples, args.eval_limit)
+        result = measure(args.run_dir, args.samples, args.eval_limit, args.eval_split, args.widths)
     except (RunError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,12 +24,22 @@ def test_spread_is_zero_for_identical_draws_and_log2_for_two_confident_opposite_
 def test_measure_scores_each_draw_and_the_posterior_mean_of_a_trained_run(tmp_path, stories):
     run_dir = tmp_path / "run"  # trained and scored at the posterior mean: the reference for the mean row
     assert main(["train", *QUICK, "--method", "melora", "--eval-samples", "0", "--run-dir", str(run_dir)]) == 0
-    result = posterior_spread.measure(run_dir, samples=3, progress=False)
+    trained = posterior_spread.load_run(posterior_spread.load_settings(run_dir), run_dir)[0].guide.scale.clone()
+    result = posterior_spread.measure(run_dir, samples=3, widths=(1.0, 1e4), progress=False)
     reference = json.loads((run_dir / "metrics.json").read_text())
     assert result["n"] == reference["n"] == 8 and result["samples"] == 3
     for key in ("acc", "ece", "nll", "brier"):
         assert result["posterior_mean"][key] == pytest.approx(reference[key], abs=1e-5)
-    assert 0 <= result["disagreement"] <= 1 and -1e-6 <= result["mutual_information"] <= result["predictive_entropy"]
+    for r in result["widths"].values():
+        assert 0 <= r["disagreement"] <= 1 and -1e-6 <= r["mutual_information"] <= r["predictive_entropy"]
+    # 10^4 x Omega (init 1e-2 after 4 steps: std ~100) must make the draws differ, the trained width hardly
+    assert result["widths"]["10000.0"]["mutual_information"] > result["widths"]["1.0"]["mutual_information"] + 0.01
+    method = posterior_spread.load_run(posterior_spread.load_settings(run_dir), run_dir)[0]
+    with posterior_spread.widened(method.guide, 3.0):
+        assert torch.allclose(method.guide.scale, 3 * trained)
+    assert torch.equal(method.guide.scale, trained)  # restored, and the run's files never changed
     with pytest.raises(ValueError, match="samples must be >= 2"):
         posterior_spread.measure(run_dir, samples=1)
+    with pytest.raises(ValueError, match="width factor -1"):
+        posterior_spread.measure(run_dir, samples=2, widths=(-1.0,))
     assert posterior_spread.main(["--run-dir", str(tmp_path / "missing")]) == 2
