@@ -1,16 +1,17 @@
 """The regime where point estimates overfit (BLoB's: a small training set, many epochs), CPU profile.
 
     python -m experiments.overfitting --data-dir ../shared/data [--dataset obqa] [--seeds 0 1 2]
-        [--methods map melora melora-kl0.1-pairs melora-pairs] [--epochs 1 2 4 8] [--root runs/overfitting/<dataset>]
+        [--methods map melora melora-kl0.1-pairs melora-pairs blob laplace] [--epochs 1 2 4 8]
+        [--root runs/overfitting/<dataset>]
 
 OpenBookQA by default (``char`` cloze scoring, the dataset with signal whose zero-shot model is already near
 calibrated; ``--dataset arc-e`` runs the same design on ARC-Easy), a 500-question subset of its train split
-(drawn with the run's seed, so each seed trains on its own subset, the same for MAP and Me-LoRA), MAP and
-Me-LoRA trained for 1, 2, 4 and 8 epochs (``EPOCHS``, fixed before any run), each scored on the full test split; ``<method>-ts`` scores the same
+(drawn with the run's seed, so each seed trains on its own subset, the same for every method), MAP and
+Me-LoRA (and the baselines BLoB and Laplace-LoRA, ``--methods``) trained for 1, 2, 4 and 8 epochs (``EPOCHS``, fixed before any run), each scored on the full test split; ``<method>-ts`` scores the same
 run again with one temperature fitted on the dev split. ``melora`` keeps the settings these cells first ran
 with (one draw of C, KL weight 1); ``melora-kl0.1-pairs`` is Me-LoRA with the defaults the dev sweep chose
 later (KL weight 0.1, antithetic pairs) and ``melora-pairs`` changes only the draws (``grids.OPTION_VARIANTS``);
-``--methods`` picks which trained methods run. Nothing is chosen from the test numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), resumable; finished cells are
+``blob`` and ``laplace`` run with the comparison's settings for them; ``--methods`` picks which trained methods run. Nothing is chosen from the test numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), resumable; finished cells are
 kept in ``results/overfitting_<dataset>_cells/`` (``grid.archive_cells``), and it writes
 ``results/overfitting_<dataset>.{md,json,png}``: per epoch count, ACC / ECE / NLL as mean ± std over the seeds
 and the 95% paired-bootstrap CIs of the seed-mean differences Me-LoRA - MAP and Me-LoRA - MAP+TS.
@@ -34,7 +35,7 @@ from .grids import BATCH_SIZE, NORMALIZATION, OPTION_VARIANTS, difference_table,
 DATASETS, TRAIN_LIMIT = ("obqa", "arc-e"), 500
 EPOCHS = (1, 2, 4, 8)
 ALL_SEEDS = (0, 1, 2)
-TRAINED = ("map", "melora", "melora-kl0.1-pairs", "melora-pairs")
+TRAINED = ("map", "melora", "melora-kl0.1-pairs", "melora-pairs", "blob", "laplace")
 METHODS = tuple(m for trained in TRAINED for m in (trained, f"{trained}-ts"))
 PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"),
          *((variant, reference) for variant in TRAINED[2:] for reference in ("map", "map-ts", "melora")),
@@ -76,7 +77,7 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None, dataset: str =
              "(each cell's own command below)", "",
              f"SmolLM2-135M, `{NORMALIZATION.get(dataset, 'sum')}` cloze scoring, a {TRAIN_LIMIT}-question subset "
              f"of the {dataset} train split drawn "
-             "with each run's seed (MAP and Me-LoRA of a seed train on the same one), the profile of the "
+             "with each run's seed (every method of a seed trains on the same one), the profile of the "
              "comparison otherwise (top-2 layers + lm_head over the prefix cache, lr 3e-4, batch 8); the epoch "
              f"counts were fixed before any run. Test: the full split ({n_test} questions); temperatures (-ts) "
              "fitted on the dev split. Mean ± std over the seeds.", ""]

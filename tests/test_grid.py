@@ -280,6 +280,10 @@ def test_the_overfitting_grid_trains_each_epoch_count_and_seed_once_on_that_seed
     only = overfitting.cells(str(SHARED_DIR / "data"), (1,), ("melora-pairs",), (8,))
     assert {c.name for c in only} == {"melora-pairs-8ep-s1", "melora-pairs-ts-8ep-s1"}
     assert all(c.flags[c.flags.index("--dataset") + 1] == "obqa" for c in only)
+    for baseline in ("blob", "laplace"):  # the comparison's settings: posterior samples, no Me-LoRA pins
+        flags = grid[f"{baseline}-8ep-s2"].flags
+        assert flags[flags.index("--method") + 1] == baseline and flags[flags.index("--eval-samples") + 1] == "4"
+        assert "--kl-weight" not in flags and "--antithetic" not in flags
     arc_e = overfitting.cells(str(SHARED_DIR / "data"), (1,), ("map",), (8,), dataset="arc-e")[0].flags
     assert arc_e[arc_e.index("--dataset") + 1] == "arc-e" and "--normalization" not in arc_e  # ARC-E's own: sum
     assert arc_e[arc_e.index("--train-limit") + 1] == "500" and arc_e[arc_e.index("--steps") + 1] == "500"
