@@ -103,7 +103,7 @@ def measure(run_dir, samples: int = 4, eval_limit: int | None = None, eval_split
 def markdown(result: dict, command: str) -> str:
     lines = [f"# Posterior spread: {result['run_dir']}", "", f"Command: `{command}`", "",
              f"{result['method']} on {result['dataset']} {result['split']} (n = {result['n']}); "
-             f"{result['samples']} draws per Omega factor (1: the trained q(C)). MI: mutual information between "
+             f"{result['samples']} draws per factor on the guide's scale (Omega x; 1: the trained posterior). MI: mutual information between "
              "answer and draw, H: predictive entropy (nats); disagree: pairs of draws with different answers.", "",
              "| Omega x | prediction | ACC | ECE | NLL | Brier | disagree | MI | H |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -112,7 +112,7 @@ def markdown(result: dict, command: str) -> str:
         return f"| {width} | {name} | {m['acc']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} | {m['brier']:.4f} | " \
                + " | ".join(extra) + " |"
 
-    lines.append(row("", "posterior mean of C", result["posterior_mean"]))
+    lines.append(row("", "posterior mean", result["posterior_mean"]))
     for width, r in result["widths"].items():
         lines.append(row(width, "one draw (mean over draws)", r["one_draw"]))
         lines.append(row(width, f"model average of {result['samples']} draws", r["model_average"],
