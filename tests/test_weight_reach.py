@@ -1,0 +1,51 @@
+"""experiments.weight_reach: the closed-form mean and spread of dW against Monte Carlo draws of real runs."""
+import pytest
+import torch
+from pyro import poutine
+
+from experiments import weight_reach
+from melora_pyro.cli import main
+
+from .test_cli import QUICK
+
+
+def _monte_carlo(model, guide, draws: int) -> tuple[list[float], list[float]]:
+    """|E dW|_F and sqrt(E |dW - E dW|^2) per layer, from ``draws`` samples of the guide through the model."""
+    def updates(trace=None, data=None):
+        sampler = poutine.replay(model.sample_adapters, trace=trace) if trace else \
+            poutine.condition(model.sample_adapters, data=data)
+        A, B, C = sampler()
+        A, B = weight_reach._unbind(A), weight_reach._unbind(B)
+        return [model.config.scaling * b @ c @ a for a, b, c in zip(A, B, C.unbind(0))]
+
+    with torch.no_grad():
+        mean = updates(data=guide.posterior_mean())
+        squares = [0.0] * len(mean)
+        for _ in range(draws):
+            for i, (dw, mu) in enumerate(zip(updates(trace=poutine.trace(guide).get_trace()), mean)):
+                squares[i] += float((dw - mu).square().sum()) / draws
+    return [float(m.norm()) for m in mean], [s ** 0.5 for s in squares]
+
+
+@pytest.mark.parametrize("method", ["melora", "blob"])
+def test_reach_matches_monte_carlo_draws_of_a_trained_run(tmp_path, stories, method):
+    run_dir = tmp_path / method
+    assert main(["train", *QUICK, "--method", method, "--eval-samples", "0", "--run-dir", str(run_dir)]) == 0
+    trained = weight_reach.load_run(weight_reach.load_settings(run_dir), run_dir)[0]
+    rows = weight_reach.reach(trained.model, trained.guide)
+    assert [r["layer"] for r in rows] == trained.model.layer_names
+    torch.manual_seed(0)
+    means, spreads = _monte_carlo(trained.model, trained.guide, draws=2000)
+    for row, mean, spread in zip(rows, means, spreads):
+        assert row["mean"] == pytest.approx(mean, rel=1e-4)
+        assert row["spread"] == pytest.approx(spread, rel=0.05) and row["spread"] > 0
+        assert row["w0"] > 0
+    out = tmp_path / "reach"
+    assert weight_reach.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
+    assert out.with_suffix(".md").read_text().count("\n| ") == len(rows) + 1  # header + one row per layer
+
+
+def test_reach_refuses_a_guide_it_cannot_read_and_a_missing_run(tmp_path):
+    with pytest.raises(ValueError, match="needs a mean-field guide on C or BLoB's guide on A"):
+        weight_reach.reach(None, object())
+    assert weight_reach.main(["--run-dir", str(tmp_path / "missing")]) == 2
