@@ -29,6 +29,8 @@ from melora_pyro.metrics import summarize
 from melora_pyro.models import load_base_model
 from melora_pyro.train import TrainConfig, evaluate
 
+from . import out_file
+
 QUANTILES = (0.1, 0.5, 0.9)
 BATCH, MAX_LENGTH, EVAL_SAMPLES = 4, 96, 10
 
@@ -95,8 +97,8 @@ def main(argv=None):
     result["command"] = command.strip()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2))
-    atomic_write_text(out.with_suffix(".md"), markdown(result, command.strip()))
+    atomic_write_text(out_file(out, ".json"), json.dumps(result, indent=2))
+    atomic_write_text(out_file(out, ".md"), markdown(result, command.strip()))
     print(markdown(result, command.strip()))
 
 

@@ -30,6 +30,7 @@ from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.plots import reliability_diagram
 
+from . import out_file
 from .grids import OPTION_VARIANTS, PROFILES, difference_table, method_table, signal_line, temperature_cell, train_flags
 
 METHODS = ("zero-shot", "mle", "map", "map-ts", "mcdropout", "ensemble", "laplace", "blob", "melora", "melora-ts")
@@ -123,8 +124,8 @@ def report(grid: list[Cell], root: Path, out: Path, datasets, profile: str = "cp
     lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root, archive)]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".md"), text)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
+    atomic_write_text(out_file(out, ".md"), text)
+    atomic_write_text(out_file(out, ".json"), json.dumps(doc, indent=2))
     return text
 
 

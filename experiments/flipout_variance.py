@@ -32,6 +32,8 @@ from melora_pyro.pipeline import load_run
 from melora_pyro.readouts import readout_inputs
 from melora_pyro.runs import load_settings
 
+from . import out_file
+
 GROUPS = ("A", "B", "M", "log Omega")
 ESTIMATORS = {"flipout": lambda: FullWeightELBO(flipout=True), "antithetic": lambda: FullWeightELBO(antithetic=True)}
 
@@ -161,8 +163,8 @@ def main(argv=None) -> int:
     result["command"] = command
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    atomic_write_text(out.with_suffix(".md"), markdown(result, command))
+    atomic_write_text(out_file(out, ".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_file(out, ".md"), markdown(result, command))
     print(markdown(result, command))
     return 0
 

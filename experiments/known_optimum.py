@@ -27,6 +27,8 @@ from melora_pyro.elbo import FullWeightELBO
 from melora_pyro.synthetic import collate_pairs, linear_gaussian_problem
 from melora_pyro.train import TrainConfig, train
 
+from . import out_file
+
 CONFIGS = {  # TrainConfig overrides; "antithetic" / "num_particles" go to FullWeightELBO (default: one draw)
     "single draws, constant rates, 300 steps (the defaults before antithetic pairs)": {},
     "single draws, linear decay": {"lr_schedule": "linear"},
@@ -87,8 +89,8 @@ def main(argv=None) -> int:
     lines += ["", f"CPU time: {time.process_time() - start:.0f} s (one thread)."]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
+    atomic_write_text(out_file(out, ".md"), "\n".join(lines) + "\n")
+    atomic_write_text(out_file(out, ".json"), json.dumps(doc, indent=2))
     return 0
 
 

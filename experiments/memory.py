@@ -31,6 +31,8 @@ from melora_pyro.methods import METHODS, build_method
 from melora_pyro.models import load_base_model
 from melora_pyro.train import ELBOModule, TrainConfig, make_optimizer
 
+from . import out_file
+
 TARGETS = {"q_proj+v_proj": ("q_proj", "v_proj"), "q_proj+v_proj+lm_head": ("q_proj", "v_proj", "lm_head")}
 LABEL_IDS = [330, 389, 340, 422, 469]  # any distinct ids below both vocabularies (the state does not depend on them)
 
@@ -100,8 +102,8 @@ def main(argv=None) -> int:
     lines = render(rows, args, command)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"command": command, "rows": rows}, indent=1))
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(out_file(out, ".json"), json.dumps({"command": command, "rows": rows}, indent=1))
+    atomic_write_text(out_file(out, ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     return 0
 

@@ -26,6 +26,7 @@ from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 from melora_pyro.plots import reliability_diagram
 
+from . import out_file
 from .grids import difference_table, method_table, signal_line, train_flags
 
 TRAIN = "obqa"
@@ -94,8 +95,8 @@ def report(grid: list[Cell], root: Path, out: Path, tests, data_dir: str, archiv
     lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root, archive)]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".md"), text)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
+    atomic_write_text(out_file(out, ".md"), text)
+    atomic_write_text(out_file(out, ".json"), json.dumps(doc, indent=2))
     return text
 
 

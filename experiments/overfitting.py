@@ -30,6 +30,7 @@ import torch
 from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 
+from . import out_file
 from .grids import BATCH_SIZE, NORMALIZATION, OPTION_VARIANTS, difference_table, method_table, temperature_cell, train_flags
 
 DATASETS, TRAIN_LIMIT = ("obqa", "arc-e"), 500
@@ -95,10 +96,10 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None, dataset: str =
     lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root, archive)]
     out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
-    atomic_write_text(out.with_suffix(".md"), text)
-    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2))
+    atomic_write_text(out_file(out, ".md"), text)
+    atomic_write_text(out_file(out, ".json"), json.dumps(doc, indent=2))
     if any(by_epochs.values()):
-        _plot(by_epochs, out.with_suffix(".png"))
+        _plot(by_epochs, out_file(out, ".png"))
     return text
 
 

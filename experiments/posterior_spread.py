@@ -34,6 +34,8 @@ from melora_pyro.pipeline import load_run
 from melora_pyro.runs import RunError, load_settings
 from melora_pyro.train import evaluate
 
+from . import out_file
+
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy in nats of each row of ``probs`` ``(..., K)`` (0 log 0 = 0)."""
@@ -140,8 +142,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2))
-        atomic_write_text(out.with_suffix(".md"), text)
+        atomic_write_text(out_file(out, ".json"), json.dumps(result, indent=2))
+        atomic_write_text(out_file(out, ".md"), text)
     print(text)
     return 0
 

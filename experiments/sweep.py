@@ -25,6 +25,7 @@ from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid, train_log
 from melora_pyro.metrics import accuracy, bootstrap_ci, ece, nll
 
+from . import out_file
 from .grids import train_flags
 
 DATASET = "arc-e"
@@ -88,7 +89,7 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    recorded_file = out.with_suffix(".json")
+    recorded_file = out_file(out, ".json")
     recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else {}
     rows, doc, n = [], {}, recorded.get("n")
     by_name = {cell.name: cell for cell in grid}
@@ -132,8 +133,8 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
     total = sum(doc[name]["cpu_s"] or 0 for name in rows)
     lines += ["", f"Total CPU time of the cells run: {total / 60:.1f} min."]
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    atomic_write_text(out.with_suffix(".json"), json.dumps({"n": n, "cells": doc}, indent=2))
+    atomic_write_text(out_file(out, ".md"), "\n".join(lines) + "\n")
+    atomic_write_text(out_file(out, ".json"), json.dumps({"n": n, "cells": doc}, indent=2))
     if rows:
         figure = Figure(figsize=(10, 3.6))
         for i, key in enumerate(("acc", "ece", "nll")):
@@ -152,7 +153,7 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None) -> None:
             ax.grid(axis="x", alpha=0.3)
             ax.set_title(f"dev {key.upper()} {'↑' if key == 'acc' else '↓'}")
         figure.tight_layout()
-        FigureCanvasAgg(figure).print_png(str(out.with_suffix(".png")))
+        FigureCanvasAgg(figure).print_png(str(out_file(out, ".png")))
 
 
 def paired_differences(cell: Cell, by_name: dict, root: Path, archive=None) -> dict:
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     archive_cells(grid, args.root, archive)  # what the table is rebuilt from when the run directories are gone
     report(grid, Path(args.root), Path(args.out), archive)
     failed = {k: v for k, v in status.items() if v != "done"}
-    print(open(Path(args.out).with_suffix(".md")).read())
+    print(open(out_file(Path(args.out), ".md")).read())
     return 1 if failed else 0
 
 

@@ -26,6 +26,8 @@ from melora_pyro._atomic import atomic_write_text
 from melora_pyro.pipeline import load_run
 from melora_pyro.runs import RunError, load_settings
 
+from . import out_file
+
 
 def _unbind(stacks) -> list[torch.Tensor]:
     return [t for stack in stacks for t in stack.unbind(0)]
@@ -82,9 +84,9 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out.with_suffix(".json"), json.dumps({"run_dir": args.run_dir, "method": settings.method,
+        atomic_write_text(out_file(out, ".json"), json.dumps({"run_dir": args.run_dir, "method": settings.method,
                                                                 "layers": rows}, indent=2))
-        atomic_write_text(out.with_suffix(".md"), text)
+        atomic_write_text(out_file(out, ".md"), text)
     print(text)
     return 0
 

@@ -31,6 +31,8 @@ from melora_pyro.packing import pack_example
 from melora_pyro.readouts import NORMALIZATIONS, ClozeReadout
 from melora_pyro.scoring import choice_loglikelihoods
 
+from . import out_file
+
 SPLITS = (("arc-e", "validation"), ("arc-e", "test"), ("arc-c", "test"), ("obqa", "test"), ("wg-s", "test"),
           ("boolq", "test"), ("arc-c", "validation"), ("obqa", "validation"))
 
@@ -97,8 +99,8 @@ def main(argv=None) -> int:
     command = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     doc = {"model": args.model, "command": f"python -m experiments.zero_shot {command}",
            "machine": args.machine, "splits": {}}
-    if args.resume and out.with_suffix(".json").is_file():
-        doc["splits"] = json.loads(out.with_suffix(".json").read_text())["splits"]
+    if args.resume and out_file(out, ".json").is_file():
+        doc["splits"] = json.loads(out_file(out, ".json").read_text())["splits"]
     lm, tokenizer = load_base_model(args.model)
     cache_file = None
     if args.cache_top_layers:
@@ -116,8 +118,8 @@ def main(argv=None) -> int:
         if cache_file is not None:
             lm.save(cache_file)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out.with_suffix(".json"), json.dumps(doc))
-        atomic_write_text(out.with_suffix(".md"), markdown(doc))
+        atomic_write_text(out_file(out, ".json"), json.dumps(doc))
+        atomic_write_text(out_file(out, ".md"), markdown(doc))
         print({n: round(c["metrics"]["acc"], 4) for n, c in doc["splits"][key]["by_norm"].items()}, flush=True)
     print(markdown(doc))
     return 0

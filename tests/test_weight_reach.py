@@ -40,9 +40,10 @@ def test_reach_matches_monte_carlo_draws_of_a_trained_run(tmp_path, stories, met
         assert row["mean"] == pytest.approx(mean, rel=1e-4)
         assert row["spread"] == pytest.approx(spread, rel=0.05) and row["spread"] > 0
         assert row["w0"] > 0
-    out = tmp_path / "reach"
+    out = tmp_path / "reach-kl0.1"  # a dot in the name: the suffixes are appended, not substituted
     assert weight_reach.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
-    assert out.with_suffix(".md").read_text().count("\n| ") == len(rows) + 1  # header + one row per layer
+    assert sorted(p.name for p in tmp_path.glob("reach*")) == ["reach-kl0.1.json", "reach-kl0.1.md"]
+    assert (tmp_path / "reach-kl0.1.md").read_text().count("\n| ") == len(rows) + 1  # header + a row per layer
 
 
 def test_reach_refuses_a_guide_it_cannot_read_and_a_missing_run(tmp_path):
