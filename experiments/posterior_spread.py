@@ -12,6 +12,13 @@ answer and the draw, ``I = H[mean_s p_s] - mean_s H[p_s]`` in nats (the epistemi
 entropy), against the predictive entropy itself. When the draws agree (I near 0) the model average equals
 each draw and cannot correct their confidence, whatever the width of q(C).
 
+``--random-subspace``: a counterfactual for Me-LoRA. Each layer's posterior-mean update ``s B M A`` is merged
+into its W0 (so the posterior-mean row is unchanged), then A and B are replaced by random orthonormal rows and
+columns, M by 0 and Omega by the one value that keeps the layer's weight-space spread
+(``experiments.weight_reach``) what training left it. The draws then move the weights as far as before, in a
+subspace training did not choose: if they disagree far more than the trained ones, A and B had placed the
+noise where the answer scores do not feel it.
+
 ``--widths``: the draws are repeated with the guide's scale Omega multiplied by each factor (a mean-field
 guide's ``log_scale``; the run's files are not touched), to see whether a wider q(C) than the ELBO's would
 calibrate the model average. Judge a width on ``--eval-split validation``, never on test.
@@ -34,7 +41,7 @@ from melora_pyro.pipeline import load_run
 from melora_pyro.runs import RunError, load_settings
 from melora_pyro.train import evaluate
 
-from . import out_file
+from . import out_file, weight_reach
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -74,16 +81,43 @@ def widened(guide, factor: float):
             guide.log_scale.copy_(trained)
 
 
+@torch.no_grad()
+def randomise_subspace(model, guide, seed: int = 0) -> None:
+    """In place: merge each layer's posterior-mean update into its W0, draw A with orthonormal rows and B with
+    orthonormal columns, set M = 0 and Omega to ``spread / (s r)``, the trained layer's weight-space spread
+    (``weight_reach.reach``) spread evenly over the r x r entries (see the module). Me-LoRA only."""
+    if not hasattr(guide, "log_scale"):
+        raise ValueError(f"--random-subspace needs a mean-field guide on C, got {type(guide).__name__}")
+    spreads = torch.tensor([row["spread"] for row in weight_reach.reach(model, guide)])
+    generator = torch.Generator().manual_seed(seed)
+    A, B = model.fix_gauge(list(model.lora_A), list(model.lora_B))
+    for name, a, b, m in zip(model.layer_names, weight_reach._unbind(A), weight_reach._unbind(B), guide.loc):
+        base = model.base.get_submodule(name).base
+        merged = base.weight + (model.config.scaling * b @ m @ a).to(base.weight.dtype)
+        base.weight = torch.nn.Parameter(merged, requires_grad=False)  # its own tensor: W0 may be tied
+    for stacks, transpose in ((model.lora_A, True), (model.lora_B, False)):
+        for stack in stacks:
+            for layer in stack:
+                rows, cols = layer.shape if not transpose else layer.shape[::-1]
+                q = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))[0]
+                layer.copy_(q.T if transpose else q)
+    guide.loc.zero_()
+    guide.log_scale.copy_((spreads / (model.config.scaling * model.rank)).log()[:, None, None].expand_as(guide.loc))
+
+
 def measure(run_dir, samples: int = 4, eval_limit: int | None = None, eval_split: str | None = None,
-            widths=(1.0,), progress: bool = True) -> dict:
+            widths=(1.0,), progress: bool = True, random_subspace: bool = False) -> dict:
     """Score ``run_dir``'s evaluation split (or ``eval_split``) per draw at each Omega factor in ``widths``,
-    averaged, and at the posterior mean (see the module)."""
+    averaged, and at the posterior mean (see the module); ``random_subspace``: after
+    :func:`randomise_subspace`."""
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to measure disagreement, got {samples}")
     settings = load_settings(run_dir)
     settings = replace(settings, eval_limit=eval_limit or settings.eval_limit,
                        eval_split=eval_split or settings.eval_split)
     method, task = load_run(settings, run_dir)
+    if random_subspace:
+        randomise_subspace(method.model, method.guide, settings.train.seed)
 
     def scored(num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         return evaluate(lambda batch: method.predict(batch, num_samples), task.eval, task.collate,
@@ -98,14 +132,15 @@ def measure(run_dir, samples: int = 4, eval_limit: int | None = None, eval_split
         by_width[str(factor)] = {"one_draw": {k: sum(m[k] for m in per_draw) / samples for k in per_draw[0]},
                                  "model_average": summarize(draws.mean(0), labels), **spread(draws)}
     return {"run_dir": str(run_dir), "method": settings.method, "dataset": settings.scored_dataset,
-            "split": settings.eval_split, "n": len(labels), "samples": samples,
+            "split": settings.eval_split, "n": len(labels), "samples": samples, "random_subspace": random_subspace,
             "posterior_mean": summarize(mean_probs, labels), "widths": by_width}
 
 
 def markdown(result: dict, command: str) -> str:
     lines = [f"# Posterior spread: {result['run_dir']}", "", f"Command: `{command}`", "",
              f"{result['method']} on {result['dataset']} {result['split']} (n = {result['n']}); "
-             f"{result['samples']} draws per factor on the guide's scale (Omega x; 1: the trained posterior). MI: mutual information between "
+             f"{result['samples']} draws per factor on the guide's scale (Omega x; 1: the trained posterior)"
+             f"{'; A and B replaced by a random subspace with the same weight-space spread (--random-subspace)' if result.get('random_subspace') else ''}. MI: mutual information between "
              "answer and draw, H: predictive entropy (nats); disagree: pairs of draws with different answers.", "",
              "| Omega x | prediction | ACC | ECE | NLL | Brier | disagree | MI | H |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -131,10 +166,13 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-limit", type=int, help="score a seeded subset of N questions of the split only")
     parser.add_argument("--widths", nargs="+", type=float, default=[1.0],
                         help="factors on the guide's Omega, each scored with its own draws")
+    parser.add_argument("--random-subspace", action="store_true",
+                        help="the same weight-space spread in a random subspace (Me-LoRA; see the module)")
     parser.add_argument("--out", help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
     try:
-        result = measure(args.run_dir, args.samples, args.eval_limit, args.eval_split, args.widths)
+        result = measure(args.run_dir, args.samples, args.eval_limit, args.eval_split, args.widths,
+                         random_subspace=args.random_subspace)
     except (RunError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,3 +43,22 @@ def test_measure_scores_each_draw_and_the_posterior_mean_of_a_trained_run(tmp_pa
     with pytest.raises(ValueError, match="width factor -1"):
         posterior_spread.measure(run_dir, samples=2, widths=(-1.0,))
     assert posterior_spread.main(["--run-dir", str(tmp_path / "missing")]) == 2
+
+
+def test_a_random_subspace_keeps_the_posterior_mean_model_and_the_weight_space_spread(tmp_path, stories):
+    run_dir = tmp_path / "run"
+    assert main(["train", *QUICK, "--method", "melora", "--eval-samples", "0", "--run-dir", str(run_dir)]) == 0
+    method = posterior_spread.load_run(posterior_spread.load_settings(run_dir), run_dir)[0]
+    trained = posterior_spread.weight_reach.reach(method.model, method.guide)
+    posterior_spread.randomise_subspace(method.model, method.guide, seed=0)
+    swapped = posterior_spread.weight_reach.reach(method.model, method.guide)
+    for before, after in zip(trained, swapped):
+        assert after["spread"] == pytest.approx(before["spread"], rel=1e-4) and after["mean"] == 0
+    for a in method.model.lora_A[0]:  # orthonormal rows: a subspace training did not choose
+        assert torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-5)
+    # the posterior mean now lives in W0: scoring at it gives what train wrote
+    result = posterior_spread.measure(run_dir, samples=2, progress=False, random_subspace=True)
+    reference = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("acc", "ece", "nll", "brier"):
+        assert result["posterior_mean"][key] == pytest.approx(reference[key], abs=1e-5)
+    assert result["random_subspace"] and "random subspace" in posterior_spread.markdown(result, "cmd")
