@@ -8,7 +8,8 @@ lrs 1e-2 / 5e-2, 1 epoch): the prior kind (``melora-elementwise``) and std (0.05
 so the cells stay what they were after the default moved to 1.0); MAP at 1 and 2 epochs is the
 reference (and shows what a second epoch does). Then, from prior std 1.0 (``melora-prior1``), one change
 each: init_scale 0.1, the guide's scale lr (1e-2, 0.2) and location lr (1e-3), a second epoch, and the KL
-weight (``--kl-weight`` 0.1, 10), and antithetic pairs of C (``--antithetic true``). Each cell's paired dev
+weight (``--kl-weight`` 0.1, 10), and antithetic pairs of C (``--antithetic true``); later prior std 4.0
+(against 1.0: the grid's edge had won). Each cell's paired dev
 differences from the cell it changes are reported with bootstrap CIs. Every cell is a ``melora-pyro train`` run (``melora_pyro.grid``); rerunning
 skips finished cells. Writes ``results/sweep_arc-e_dev.{md,json,png}``.
 """
@@ -52,6 +53,9 @@ SETTINGS = (
     ("melora-kl0.01", "melora", 1, ("--prior-std", "1.0", "--kl-weight", "0.01"), "KL weight 0.01"),
     ("melora-kl0.1-antithetic", "melora", 1, ("--prior-std", "1.0", "--kl-weight", "0.1", "--antithetic", "true"),
      "KL weight 0.1 and antithetic pairs"),
+    # Later: 1.0 had won at the edge of the prior-std grid, and a trained q(C) at sigma 1 moved the answers
+    # hardly at all (results/posterior_spread_*): the grid's next step up.
+    ("melora-prior4", "melora", 1, ("--prior-std", "4.0"), "prior std 4.0"),
 )
 
 
@@ -60,7 +64,7 @@ NOT_SWEPT = ("Not swept, for lack of CPU time: more than one seed (a cell's dev 
              "full-weight and elementwise KLs (``melora-noise``, ``melora-diag``).")
 # The cell each one changes one setting of: its paired dev differences are taken against it.
 REFERENCES = {"map-2ep": "map-1ep", "melora-elementwise": "melora", "melora-prior1": "melora",
-              "melora-prior0.05": "melora"}
+              "melora-prior0.05": "melora", "melora-prior4": "melora-prior1"}
 
 
 def reference(name: str) -> str | None:
