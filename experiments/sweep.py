@@ -56,6 +56,9 @@ SETTINGS = (
     # Later: 1.0 had won at the edge of the prior-std grid, and a trained q(C) at sigma 1 moved the answers
     # hardly at all (results/posterior_spread_*): the grid's next step up.
     ("melora-prior4", "melora", 1, ("--prior-std", "4.0"), "prior std 4.0"),
+    # After prior4 (wider spread, draws disagreeing twice as often, ECE unresolved): a prior wide enough
+    # (spread sigma r = 128 > |W0| of q/v) that the data, not the prior, set q(C)'s width.
+    ("melora-prior16", "melora", 1, ("--prior-std", "16.0"), "prior std 16.0"),
 )
 
 
@@ -64,7 +67,8 @@ NOT_SWEPT = ("Not swept, for lack of CPU time: more than one seed (a cell's dev 
              "full-weight and elementwise KLs (``melora-noise``, ``melora-diag``).")
 # The cell each one changes one setting of: its paired dev differences are taken against it.
 REFERENCES = {"map-2ep": "map-1ep", "melora-elementwise": "melora", "melora-prior1": "melora",
-              "melora-prior0.05": "melora", "melora-prior4": "melora-prior1"}
+              "melora-prior0.05": "melora", "melora-prior4": "melora-prior1",
+              "melora-prior16": "melora-prior1"}
 
 
 def reference(name: str) -> str | None:

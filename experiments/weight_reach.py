@@ -11,7 +11,10 @@ closed form from the run's last checkpoint (nothing is scored):
 Me-LoRA (a mean-field guide on C, ``dW = s B C A``, ``C_ij ~ N(M_ij, Omega_ij^2)`` independent):
 ``E dW = s B M A`` and ``spread^2 = s^2 sum_ij Omega_ij^2 |B_:i|^2 |A_j:|^2``. BLoB (``q(A_in) =
 N(M_in, sigma_in^2)``, ``dW = s B A``): ``E dW = s B M`` and ``spread^2 = s^2 sum_in sigma_in^2 |B_:i|^2``.
-Both in the units of W0's entries; ``|W0|_F`` is printed alongside for scale.
+LAP (``q(A, B)`` diagonal Gaussian around the MAP ``(A*, B*)``, stds ``a_jk``, ``b_pj``; ``dW = s B A``):
+``E dW = s B* A*`` and ``spread^2 = s^2 [sum_pj b_pj^2 (|A*_j:|^2 + sum_k a_jk^2) + sum_jk a_jk^2 |B*_:j|^2]``
+(the draws its ``weights`` predictive makes; the GLM predictive linearises, dropping the ``b^2 a^2`` term).
+All in the units of W0's entries; ``|W0|_F`` is printed alongside for scale.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from melora_pyro._atomic import atomic_write_text
+from melora_pyro.baselines import LaplaceMethod
 from melora_pyro.pipeline import load_run
 from melora_pyro.runs import RunError, load_settings
 
@@ -34,27 +38,61 @@ def _unbind(stacks) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def reach(model, guide) -> list[dict]:
-    """Per adapted layer of ``model`` (in its ``layer_names`` order): ``{"layer", "mean", "spread", "w0"}``
-    (Frobenius norms, see the module). ``guide``: a mean-field guide on C (``loc``, ``scale``, both
-    ``(L, r, r)``) or BLoB's guide on A; ``ValueError`` for any other."""
-    if not (hasattr(guide, "log_scale") or hasattr(guide, "sqrt_scale")):
-        raise ValueError(f"weight reach needs a mean-field guide on C or BLoB's guide on A, "
-                         f"got {type(guide).__name__}")
-    s = model.config.scaling
-    if hasattr(guide, "log_scale"):  # q(C): A and B as the layers use them
-        A, B = (_unbind(x) for x in model.fix_gauge(list(model.lora_A), list(model.lora_B)))
-        M, omega = guide.loc.unbind(0), guide.scale.unbind(0)
-        means = [s * b @ m @ a for a, b, m in zip(A, B, M)]
-        spreads = [s * (o.square() * b.square().sum(0)[:, None] * a.square().sum(1)[None, :]).sum().sqrt()
-                   for a, b, o in zip(A, B, omega)]
-    else:  # BLoB's q(A)
-        B, M, sigma = _unbind(model.lora_B), _unbind(guide.loc), _unbind(guide.scales())
-        means = [s * b @ m for b, m in zip(B, M)]
-        spreads = [s * (sd.square() * b.square().sum(0)[:, None]).sum().sqrt() for b, sd in zip(B, sigma)]
+def reach(method) -> list[dict]:
+    """Per adapted layer of a trained ``method`` (in its model's ``layer_names`` order): ``{"layer",
+    "mean", "spread", "w0"}`` (Frobenius norms, see the module). ``method``: Me-LoRA (a mean-field guide
+    on C, ``loc`` and ``scale`` ``(L, r, r)``), BLoB (its guide on A) or a fitted ``LaplaceMethod``;
+    ``ValueError`` for any other."""
+    if isinstance(method, LaplaceMethod):
+        model = method.map.model
+        means, spreads = _laplace(model, method)
+    else:
+        model, guide = getattr(method, "model", None), getattr(method, "guide", None)
+        if hasattr(guide, "log_scale"):
+            means, spreads = _mean_field_c(model, guide)
+        elif hasattr(guide, "sqrt_scale"):
+            means, spreads = _blob(model, guide)
+        else:
+            raise ValueError(f"weight reach needs a mean-field guide on C, BLoB's guide on A or a Laplace "
+                             f"posterior, got {type(method).__name__} with {type(guide).__name__}")
     return [{"layer": name, "mean": float(mean.norm()), "spread": float(spread),
              "w0": float(model.base.get_submodule(name).base.weight.norm())}  # the adapter wraps W0's layer
             for name, mean, spread in zip(model.layer_names, means, spreads)]
+
+
+def _mean_field_c(model, guide):
+    """q(C), with A and B as the layers use them."""
+    s = model.config.scaling
+    A, B = (_unbind(x) for x in model.fix_gauge(list(model.lora_A), list(model.lora_B)))
+    M, omega = guide.loc.unbind(0), guide.scale.unbind(0)
+    means = [s * b @ m @ a for a, b, m in zip(A, B, M)]
+    spreads = [s * (o.square() * b.square().sum(0)[:, None] * a.square().sum(1)[None, :]).sum().sqrt()
+               for a, b, o in zip(A, B, omega)]
+    return means, spreads
+
+
+def _blob(model, guide):
+    """BLoB's q(A), B a point estimate."""
+    s = model.config.scaling
+    B, M, sigma = _unbind(model.lora_B), _unbind(guide.loc), _unbind(guide.scales())
+    means = [s * b @ m for b, m in zip(B, M)]
+    spreads = [s * (sd.square() * b.square().sum(0)[:, None]).sum().sqrt() for b, sd in zip(B, sigma)]
+    return means, spreads
+
+
+def _laplace(model, method: LaplaceMethod):
+    """LAP's diagonal q(A, B) around the MAP; its draws perturb the stored A and B (no gauge)."""
+    if model.config.gauge != "none":
+        raise ValueError(f"weight reach of a Laplace posterior needs gauge 'none', got {model.config.gauge!r}")
+    s, groups = model.config.scaling, len(model.lora_A)
+    stds = method.posterior_std()
+    A, B = _unbind(model.lora_A), _unbind(model.lora_B)
+    a_var, b_var = (_unbind([x.square() for x in stds[:groups]]), _unbind([x.square() for x in stds[groups:]]))
+    means = [s * b @ a for a, b in zip(A, B)]
+    spreads = [s * ((bv * (a.square().sum(1) + av.sum(1))[None, :]).sum()
+                    + (av * b.square().sum(0)[:, None]).sum()).sqrt()
+               for a, b, av, bv in zip(A, B, a_var, b_var)]
+    return means, spreads
 
 
 def markdown(run_dir: str, method: str, rows: list[dict], command: str) -> str:
@@ -75,7 +113,7 @@ def main(argv=None) -> int:
     try:
         settings = load_settings(args.run_dir)
         method, _ = load_run(settings, args.run_dir)
-        rows = reach(method.model, method.guide)
+        rows = reach(method)
     except (RunError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

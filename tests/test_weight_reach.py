@@ -4,6 +4,7 @@ import torch
 from pyro import poutine
 
 from experiments import weight_reach
+from melora_pyro.baselines import laplace
 from melora_pyro.cli import main
 
 from .test_cli import QUICK
@@ -32,7 +33,7 @@ def test_reach_matches_monte_carlo_draws_of_a_trained_run(tmp_path, stories, met
     run_dir = tmp_path / method
     assert main(["train", *QUICK, "--method", method, "--eval-samples", "0", "--run-dir", str(run_dir)]) == 0
     trained = weight_reach.load_run(weight_reach.load_settings(run_dir), run_dir)[0]
-    rows = weight_reach.reach(trained.model, trained.guide)
+    rows = weight_reach.reach(trained)
     assert [r["layer"] for r in rows] == trained.model.layer_names
     torch.manual_seed(0)
     means, spreads = _monte_carlo(trained.model, trained.guide, draws=2000)
@@ -46,7 +47,32 @@ def test_reach_matches_monte_carlo_draws_of_a_trained_run(tmp_path, stories, met
     assert (tmp_path / "reach-kl0.1.md").read_text().count("\n| ") == len(rows) + 1  # header + a row per layer
 
 
-def test_reach_refuses_a_guide_it_cannot_read_and_a_missing_run(tmp_path):
-    with pytest.raises(ValueError, match="needs a mean-field guide on C or BLoB's guide on A"):
-        weight_reach.reach(None, object())
+def test_laplace_reach_matches_monte_carlo_draws_of_its_posterior(tmp_path, stories):
+    run_dir = tmp_path / "laplace"
+    assert main(["train", *QUICK, "--method", "laplace", "--prior-precision", "3", "--predictive", "weights",
+                 "--eval-samples", "0", "--run-dir", str(run_dir)]) == 0
+    fitted = weight_reach.load_run(weight_reach.load_settings(run_dir), run_dir)[0]
+    rows = weight_reach.reach(fitted)
+    model, s = fitted.map.model, fitted.map.model.config.scaling
+
+    @torch.no_grad()
+    def updates():
+        return [s * b @ a for a, b in zip(weight_reach._unbind(model.lora_A), weight_reach._unbind(model.lora_B))]
+
+    torch.manual_seed(0)
+    means, draws = updates(), 2000
+    squares = [0.0] * len(means)
+    for _ in range(draws):
+        with laplace._perturbed(fitted.params, fitted.posterior_std()):
+            for i, (dw, mu) in enumerate(zip(updates(), means)):
+                squares[i] += float((dw - mu).square().sum()) / draws
+    assert [r["layer"] for r in rows] == model.layer_names
+    for row, mean, square in zip(rows, means, squares):
+        assert row["mean"] == pytest.approx(float(mean.norm()), rel=1e-5)
+        assert row["spread"] == pytest.approx(square ** 0.5, rel=0.05) and row["spread"] > 0
+
+
+def test_reach_refuses_a_method_it_cannot_read_and_a_missing_run(tmp_path):
+    with pytest.raises(ValueError, match="needs a mean-field guide on C, BLoB's guide on A or a Laplace"):
+        weight_reach.reach(object())
     assert weight_reach.main(["--run-dir", str(tmp_path / "missing")]) == 2
