@@ -13,7 +13,9 @@ Me-LoRA (a mean-field guide on C, ``dW = s B C A``, ``C_ij ~ N(M_ij, Omega_ij^2)
 N(M_in, sigma_in^2)``, ``dW = s B A``): ``E dW = s B M`` and ``spread^2 = s^2 sum_in sigma_in^2 |B_:i|^2``.
 LAP (``q(A, B)`` diagonal Gaussian around the MAP ``(A*, B*)``, stds ``a_jk``, ``b_pj``; ``dW = s B A``):
 ``E dW = s B* A*`` and ``spread^2 = s^2 [sum_pj b_pj^2 (|A*_j:|^2 + sum_k a_jk^2) + sum_jk a_jk^2 |B*_:j|^2]``
-(the draws its ``weights`` predictive makes; the GLM predictive linearises, dropping the ``b^2 a^2`` term).
+(the draws its ``weights`` predictive makes). Its GLM predictive linearises in (A, B), so it sees only the
+first-order part ``s (dB A* + B* dA)``: ``linear`` drops the ``b^2 a^2`` term. (Me-LoRA's and BLoB's dW
+are linear in their latent: there ``linear = spread``.)
 All in the units of W0's entries; ``|W0|_F`` is printed alongside for scale.
 """
 from __future__ import annotations
@@ -40,12 +42,12 @@ def _unbind(stacks) -> list[torch.Tensor]:
 @torch.no_grad()
 def reach(method) -> list[dict]:
     """Per adapted layer of a trained ``method`` (in its model's ``layer_names`` order): ``{"layer",
-    "mean", "spread", "w0"}`` (Frobenius norms, see the module). ``method``: Me-LoRA (a mean-field guide
+    "mean", "spread", "linear", "w0"}`` (Frobenius norms, see the module). ``method``: Me-LoRA (a mean-field guide
     on C, ``loc`` and ``scale`` ``(L, r, r)``), BLoB (its guide on A) or a fitted ``LaplaceMethod``;
     ``ValueError`` for any other."""
     if isinstance(method, LaplaceMethod):
         model = method.map.model
-        means, spreads = _laplace(model, method)
+        means, spreads, linears = _laplace(model, method)
     else:
         model, guide = getattr(method, "model", None), getattr(method, "guide", None)
         if hasattr(guide, "log_scale"):
@@ -55,9 +57,10 @@ def reach(method) -> list[dict]:
         else:
             raise ValueError(f"weight reach needs a mean-field guide on C, BLoB's guide on A or a Laplace "
                              f"posterior, got {type(method).__name__} with {type(guide).__name__}")
-    return [{"layer": name, "mean": float(mean.norm()), "spread": float(spread),
+        linears = spreads
+    return [{"layer": name, "mean": float(mean.norm()), "spread": float(spread), "linear": float(linear),
              "w0": float(model.base.get_submodule(name).base.weight.norm())}  # the adapter wraps W0's layer
-            for name, mean, spread in zip(model.layer_names, means, spreads)]
+            for name, mean, spread, linear in zip(model.layer_names, means, spreads, linears)]
 
 
 def _mean_field_c(model, guide):
@@ -89,19 +92,20 @@ def _laplace(model, method: LaplaceMethod):
     A, B = _unbind(model.lora_A), _unbind(model.lora_B)
     a_var, b_var = (_unbind([x.square() for x in stds[:groups]]), _unbind([x.square() for x in stds[groups:]]))
     means = [s * b @ a for a, b in zip(A, B)]
-    spreads = [s * ((bv * (a.square().sum(1) + av.sum(1))[None, :]).sum()
-                    + (av * b.square().sum(0)[:, None]).sum()).sqrt()
-               for a, b, av, bv in zip(A, B, a_var, b_var)]
-    return means, spreads
+    first = [(bv * a.square().sum(1)[None, :]).sum() + (av * b.square().sum(0)[:, None]).sum()
+             for a, b, av, bv in zip(A, B, a_var, b_var)]
+    second = [(bv * av.sum(1)[None, :]).sum() for av, bv in zip(a_var, b_var)]
+    return means, [s * (f + g).sqrt() for f, g in zip(first, second)], [s * f.sqrt() for f in first]
 
 
 def markdown(run_dir: str, method: str, rows: list[dict], command: str) -> str:
     lines = [f"# Weight reach: {run_dir}", "", f"Command: `{command}`", "",
              f"{method}: per adapted layer, the posterior-mean update ‖E dW‖ (Frobenius), the draws' spread "
-             "sqrt(E ‖dW - E dW‖²) (closed form, experiments/weight_reach.py) and the frozen ‖W0‖.", "",
-             "| layer | ‖E dW‖ | spread | spread / ‖E dW‖ | ‖W0‖ |", "|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['mean']:.3f} | {r['spread']:.3f} | {r['spread'] / r['mean']:.2f} | "
-              f"{r['w0']:.1f} |" for r in rows]
+             "sqrt(E ‖dW - E dW‖²), its part linear in the latent (what a linearised predictive sees; "
+             "closed form, experiments/weight_reach.py) and the frozen ‖W0‖.", "",
+             "| layer | ‖E dW‖ | spread | linear part | spread / ‖E dW‖ | ‖W0‖ |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['mean']:.3f} | {r['spread']:.3f} | {r['linear']:.3f} | "
+              f"{r['spread'] / r['mean']:.2f} | {r['w0']:.1f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,6 @@ import torch
 from pyro import poutine
 
 from experiments import weight_reach
-from melora_pyro.baselines import laplace
 from melora_pyro.cli import main
 
 from .test_cli import QUICK
@@ -40,7 +39,7 @@ def test_reach_matches_monte_carlo_draws_of_a_trained_run(tmp_path, stories, met
     for row, mean, spread in zip(rows, means, spreads):
         assert row["mean"] == pytest.approx(mean, rel=1e-4)
         assert row["spread"] == pytest.approx(spread, rel=0.05) and row["spread"] > 0
-        assert row["w0"] > 0
+        assert row["linear"] == row["spread"] and row["w0"] > 0
     out = tmp_path / "reach-kl0.1"  # a dot in the name: the suffixes are appended, not substituted
     assert weight_reach.main(["--run-dir", str(run_dir), "--out", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.glob("reach*")) == ["reach-kl0.1.json", "reach-kl0.1.md"]
@@ -53,23 +52,23 @@ def test_laplace_reach_matches_monte_carlo_draws_of_its_posterior(tmp_path, stor
                  "--eval-samples", "0", "--run-dir", str(run_dir)]) == 0
     fitted = weight_reach.load_run(weight_reach.load_settings(run_dir), run_dir)[0]
     rows = weight_reach.reach(fitted)
-    model, s = fitted.map.model, fitted.map.model.config.scaling
-
-    @torch.no_grad()
-    def updates():
-        return [s * b @ a for a, b in zip(weight_reach._unbind(model.lora_A), weight_reach._unbind(model.lora_B))]
-
+    model, s, groups = fitted.map.model, fitted.map.model.config.scaling, len(fitted.map.model.lora_A)
+    A, B = weight_reach._unbind(model.lora_A), weight_reach._unbind(model.lora_B)
+    stds = fitted.posterior_std()
+    a_std, b_std = weight_reach._unbind(stds[:groups]), weight_reach._unbind(stds[groups:])
     torch.manual_seed(0)
-    means, draws = updates(), 2000
-    squares = [0.0] * len(means)
-    for _ in range(draws):
-        with laplace._perturbed(fitted.params, fitted.posterior_std()):
-            for i, (dw, mu) in enumerate(zip(updates(), means)):
-                squares[i] += float((dw - mu).square().sum()) / draws
+    draws, full, linear = 2000, [0.0] * len(A), [0.0] * len(A)
+    with torch.no_grad():
+        for _ in range(draws):
+            for i, (a, b, sa, sb) in enumerate(zip(A, B, a_std, b_std)):
+                da, db = torch.randn_like(a) * sa, torch.randn_like(b) * sb
+                full[i] += float((s * ((b + db) @ (a + da) - b @ a)).square().sum()) / draws
+                linear[i] += float((s * (db @ a + b @ da)).square().sum()) / draws
     assert [r["layer"] for r in rows] == model.layer_names
-    for row, mean, square in zip(rows, means, squares):
-        assert row["mean"] == pytest.approx(float(mean.norm()), rel=1e-5)
-        assert row["spread"] == pytest.approx(square ** 0.5, rel=0.05) and row["spread"] > 0
+    for row, a, b, f, lin in zip(rows, A, B, full, linear):
+        assert row["mean"] == pytest.approx(float((s * b @ a).detach().norm()), rel=1e-5)
+        assert row["spread"] == pytest.approx(f ** 0.5, rel=0.05)
+        assert row["linear"] == pytest.approx(lin ** 0.5, rel=0.05) and 0 < row["linear"] < row["spread"]
 
 
 def test_reach_refuses_a_method_it_cannot_read_and_a_missing_run(tmp_path):
