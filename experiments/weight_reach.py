@@ -15,7 +15,9 @@ LAP (``q(A, B)`` diagonal Gaussian around the MAP ``(A*, B*)``, stds ``a_jk``, `
 ``E dW = s B* A*`` and ``spread^2 = s^2 [sum_pj b_pj^2 (|A*_j:|^2 + sum_k a_jk^2) + sum_jk a_jk^2 |B*_:j|^2]``
 (the draws its ``weights`` predictive makes). Its GLM predictive linearises in (A, B), so it sees only the
 first-order part ``s (dB A* + B* dA)``: ``linear`` drops the ``b^2 a^2`` term. (Me-LoRA's and BLoB's dW
-are linear in their latent: there ``linear = spread``.)
+are linear in their latent: there ``linear = spread``.) For LAP also ``prior_share``: the fraction of
+``linear^2`` carried by parameters the data leave at the prior (curvature below 1% of the prior precision
+lambda, so their std is ``1 / sqrt(lambda)`` within 0.5%).
 All in the units of W0's entries; ``|W0|_F`` is printed alongside for scale.
 """
 from __future__ import annotations
@@ -45,9 +47,10 @@ def reach(method) -> list[dict]:
     "mean", "spread", "linear", "w0"}`` (Frobenius norms, see the module). ``method``: Me-LoRA (a mean-field guide
     on C, ``loc`` and ``scale`` ``(L, r, r)``), BLoB (its guide on A) or a fitted ``LaplaceMethod``;
     ``ValueError`` for any other."""
+    extra = {}
     if isinstance(method, LaplaceMethod):
         model = method.map.model
-        means, spreads, linears = _laplace(model, method)
+        means, spreads, linears, extra["prior_share"] = _laplace(model, method)
     else:
         model, guide = getattr(method, "model", None), getattr(method, "guide", None)
         if hasattr(guide, "log_scale"):
@@ -58,9 +61,13 @@ def reach(method) -> list[dict]:
             raise ValueError(f"weight reach needs a mean-field guide on C, BLoB's guide on A or a Laplace "
                              f"posterior, got {type(method).__name__} with {type(guide).__name__}")
         linears = spreads
-    return [{"layer": name, "mean": float(mean.norm()), "spread": float(spread), "linear": float(linear),
+    rows = [{"layer": name, "mean": float(mean.norm()), "spread": float(spread), "linear": float(linear),
              "w0": float(model.base.get_submodule(name).base.weight.norm())}  # the adapter wraps W0's layer
             for name, mean, spread, linear in zip(model.layer_names, means, spreads, linears)]
+    for key, values in extra.items():
+        for row, value in zip(rows, values):
+            row[key] = float(value)
+    return rows
 
 
 def _mean_field_c(model, guide):
@@ -91,11 +98,15 @@ def _laplace(model, method: LaplaceMethod):
     stds = method.posterior_std()
     A, B = _unbind(model.lora_A), _unbind(model.lora_B)
     a_var, b_var = (_unbind([x.square() for x in stds[:groups]]), _unbind([x.square() for x in stds[groups:]]))
+    free = [f < 0.01 * method.prior_precision for f in method.fisher]  # parameters the data leave at the prior
+    a_free, b_free = _unbind(free[:groups]), _unbind(free[groups:])
     means = [s * b @ a for a, b in zip(A, B)]
-    first = [(bv * a.square().sum(1)[None, :]).sum() + (av * b.square().sum(0)[:, None]).sum()
-             for a, b, av, bv in zip(A, B, a_var, b_var)]
+    a_terms = [av * b.square().sum(0)[:, None] for b, av in zip(B, a_var)]  # (r, n): dA's share of linear^2
+    b_terms = [bv * a.square().sum(1)[None, :] for a, bv in zip(A, b_var)]  # (m, r): dB's
+    first = [at.sum() + bt.sum() for at, bt in zip(a_terms, b_terms)]
     second = [(bv * av.sum(1)[None, :]).sum() for av, bv in zip(a_var, b_var)]
-    return means, [s * (f + g).sqrt() for f, g in zip(first, second)], [s * f.sqrt() for f in first]
+    shares = [(at[af].sum() + bt[bf].sum()) / f for at, bt, af, bf, f in zip(a_terms, b_terms, a_free, b_free, first)]
+    return means, [s * (f + g).sqrt() for f, g in zip(first, second)], [s * f.sqrt() for f in first], shares
 
 
 def markdown(run_dir: str, method: str, rows: list[dict], command: str) -> str:
@@ -106,6 +117,10 @@ def markdown(run_dir: str, method: str, rows: list[dict], command: str) -> str:
              "| layer | ‖E dW‖ | spread | linear part | spread / ‖E dW‖ | ‖W0‖ |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['mean']:.3f} | {r['spread']:.3f} | {r['linear']:.3f} | "
               f"{r['spread'] / r['mean']:.2f} | {r['w0']:.1f} |" for r in rows]
+    if "prior_share" in rows[0]:
+        lines += ["", "Share of the linear part's square carried by parameters the data leave at the prior "
+                  "(curvature below 1% of the prior precision): " +
+                  ", ".join(f"{r['layer']} {r['prior_share']:.1%}" for r in rows) + "."]
     return "\n".join(lines) + "\n"
 
 

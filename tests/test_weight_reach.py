@@ -69,6 +69,10 @@ def test_laplace_reach_matches_monte_carlo_draws_of_its_posterior(tmp_path, stor
         assert row["mean"] == pytest.approx(float((s * b @ a).detach().norm()), rel=1e-5)
         assert row["spread"] == pytest.approx(f ** 0.5, rel=0.05)
         assert row["linear"] == pytest.approx(lin ** 0.5, rel=0.05) and 0 < row["linear"] < row["spread"]
+        assert 0 <= row["prior_share"] <= 1
+    # At a prior precision far above every curvature each parameter is left at the prior.
+    fitted.prior_precision = 1000 * max(float(f.max()) for f in fitted.fisher) + 1
+    assert all(r["prior_share"] == pytest.approx(1.0) for r in weight_reach.reach(fitted))
 
 
 def test_reach_refuses_a_method_it_cannot_read_and_a_missing_run(tmp_path):
