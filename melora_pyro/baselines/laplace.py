@@ -176,32 +176,47 @@ class LaplaceMethod:
         labels not offered) and covariance ``J Sigma J^T`` ``(batch, K, K)`` (zero rows and columns for
         labels not offered)."""
         variance = torch.cat([std.square().flatten() for std in self.posterior_std(prior_precision)])
-        means, blocks = zip(*(self._example_glm_logits(_row(batch, i), variance) for i in range(len(batch["labels"]))))
-        return torch.cat(means), torch.cat(blocks)
+        mean, (covariance,) = self.glm_covariances(batch, [variance])
+        return mean, covariance
 
-    def _example_glm_logits(self, example: Batch, variance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``glm_logits`` of a one-example batch, ``(1, K)`` and ``(1, K, K)``. One example per forward:
-        each backward pass then costs one example, not the batch's (16x less work at batch 16)."""
+    def glm_covariances(self, batch: Batch, variances: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``glm_logits`` for several diagonal covariances of the flattened ``params`` (each ``(P,)``, for
+        example the posterior restricted to some layers) from one Jacobian per example: the mean
+        ``(batch, K)`` and one ``(batch, K, K)`` covariance per entry of ``variances``."""
+        rows = [self._example_glm_logits(_row(batch, i), variances) for i in range(len(batch["labels"]))]
+        return torch.cat([mean for mean, _ in rows]), [torch.cat(blocks) for blocks in zip(*(c for _, c in rows))]
+
+    def _example_glm_logits(self, example: Batch, variances: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """The mean ``(1, K)`` and a ``(1, K, K)`` covariance per variance of a one-example batch. One
+        example per forward: each backward pass then costs one example, not the batch's (16x less work at
+        batch 16)."""
         params = self.params
         with torch.enable_grad():
             logits = self.map.mean_logits(example)
             row = logits[0]
             offered = row.isfinite().nonzero().flatten().tolist()
-            jacobian = logits.new_zeros(len(offered), variance.numel())
+            jacobian = logits.new_zeros(len(offered), variances[0].numel())
             for n, k in enumerate(offered):
                 grads = torch.autograd.grad(row[k], params, retain_graph=n + 1 < len(offered), allow_unused=True)
                 jacobian[n] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                          for g, p in zip(grads, params)])
-        covariance = logits.new_zeros(1, row.numel(), row.numel())
         index = torch.tensor(offered)
-        covariance[0, index[:, None], index] = (jacobian * variance) @ jacobian.T
-        return logits.detach(), covariance
+        covariances = []
+        for variance in variances:
+            covariance = logits.new_zeros(1, row.numel(), row.numel())
+            covariance[0, index[:, None], index] = (jacobian * variance) @ jacobian.T
+            covariances.append(covariance)
+        return logits.detach(), covariances
 
     @torch.no_grad()
     def glm_predict(self, batch: Batch, prior_precision: float | None = None,
                     num_samples: int | None = None) -> torch.Tensor:
         """Mean softmax of ``num_samples`` (default ``glm_samples``) draws of the GLM logits, ``(batch, K)``."""
-        mean, covariance = self.glm_logits(batch, prior_precision)
+        return self.glm_sample_mean(*self.glm_logits(batch, prior_precision), num_samples)
+
+    def glm_sample_mean(self, mean: torch.Tensor, covariance: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+        """Mean softmax of ``num_samples`` (default ``glm_samples``) draws of ``N(mean, covariance)`` logits
+        (``(batch, K)``, ``(batch, K, K)``), ``(batch, K)``."""
         eye = torch.eye(mean.shape[-1], dtype=covariance.dtype, device=covariance.device)
         factor = torch.linalg.cholesky(covariance + GLM_JITTER * eye)
         z = torch.randn(num_samples or self.glm_samples, *mean.shape, 1, dtype=mean.dtype, device=mean.device)

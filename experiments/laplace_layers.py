@@ -1,0 +1,110 @@
+"""Which adapted layers' posterior makes LAP's GLM predictive calibrated: the posterior restricted to each.
+
+    python -m experiments.laplace_layers --run-dir runs/overfitting/arc-e/laplace-8ep-s0 [--eval-split validation]
+        [--eval-limit 300] [--out results/laplace_layers_arc-e-8ep-s0]
+
+LAP's predictive draws label logits from ``N(f(theta*), J Sigma J^T)``, ``Sigma`` its diagonal posterior
+over the A and B of every adapted layer. Keeping ``Sigma`` on the layers of one kind (``lm_head``,
+``q_proj``, ...) and zeroing it elsewhere shows which layers' uncertainty does the calibrating; the
+covariances are additive over the kinds, so the rows are a decomposition of the full one. All variants
+share one Jacobian per example (``LaplaceMethod.glm_covariances``), and ``map`` is the softmax of the
+mean logits. Scores the validation split by default: this is an analysis, judged away from test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from melora_pyro._atomic import atomic_write_text
+from melora_pyro.baselines import LaplaceMethod
+from melora_pyro.metrics import summarize
+from melora_pyro.pipeline import load_run
+from melora_pyro.runs import RunError, load_settings
+
+from . import out_file
+
+
+def kind_masks(method: LaplaceMethod) -> dict[str, torch.Tensor]:
+    """``{kind: (P,) bool}`` over the flattened ``method.params``: the entries of the layers whose name
+    ends in ``kind`` (``q_proj``, ``lm_head``, ...), in the order the kinds first appear."""
+    model = method.map.model
+    names = iter(model.layer_names)
+    layer_kinds = [[next(names).rsplit(".", 1)[-1] for _ in range(stack.shape[0])] for stack in model.lora_A]
+    per_param = []
+    for group, stack in [*enumerate(model.lora_A), *enumerate(model.lora_B)]:
+        per_param += [(kind, stack[0].numel()) for kind in layer_kinds[group]]
+    kinds = list(dict.fromkeys(kind for kind, _ in per_param))
+    return {kind: torch.cat([torch.full((n,), k == kind) for k, n in per_param]) for kind in kinds}
+
+
+def measure(run_dir, eval_split: str | None = "validation", eval_limit: int | None = None,
+            progress: bool = True) -> dict:
+    """Metrics of ``map``, the full GLM predictive (``all``) and the predictive restricted to each layer kind
+    on ``eval_split`` of a finished ``laplace`` run (its curvature is refitted from the training set)."""
+    settings = load_settings(run_dir)
+    if settings.method != "laplace":
+        raise ValueError(f"laplace_layers needs a laplace run, got method {settings.method!r}")
+    settings = replace(settings, eval_limit=eval_limit or settings.eval_limit,
+                       eval_split=eval_split or settings.eval_split)
+    method, task = load_run(settings, run_dir)
+    variance = torch.cat([std.square().flatten() for std in method.posterior_std()])
+    masks = kind_masks(method)
+    variants = {"all": variance, **{f"{kind} only": variance * mask for kind, mask in masks.items()}}
+    probs = {name: [] for name in ["map", *variants]}
+    labels = []
+    batches = range(0, len(task.eval), settings.eval_batch_size)
+    for start in tqdm(batches, desc="glm", disable=not progress):
+        batch = task.collate(task.eval[start:start + settings.eval_batch_size])
+        mean, covariances = method.glm_covariances(batch, list(variants.values()))
+        probs["map"].append(mean.softmax(-1))
+        for name, covariance in zip(variants, covariances):
+            probs[name].append(method.glm_sample_mean(mean, covariance))
+        labels.append(batch["labels"])
+    labels = torch.cat(labels)
+    return {"run_dir": str(run_dir), "dataset": settings.scored_dataset, "split": settings.eval_split,
+            "n": len(labels), "prior_precision": method.prior_precision,
+            "variants": {name: summarize(torch.cat(p), labels) for name, p in probs.items()}}
+
+
+def markdown(result: dict, command: str) -> str:
+    lines = [f"# LAP's GLM predictive restricted to one kind of layer: {result['run_dir']}", "",
+             f"Command: `{command}`", "",
+             f"{result['dataset']} {result['split']} (n = {result['n']}); prior precision "
+             f"{result['prior_precision']:.3g}. `map`: the mean logits; `all`: LAP's predictive; `<kind> only`: its "
+             "posterior variance kept on those layers' A and B, zero elsewhere (experiments/laplace_layers.py).", "",
+             "| predictive | ACC | ECE | NLL | Brier |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {m['acc']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} | {m['brier']:.4f} |"
+              for name, m in result["variants"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--eval-split", default="validation", help="the split to score (default validation)")
+    parser.add_argument("--eval-limit", type=int, help="score a seeded subset of N questions of the split only")
+    parser.add_argument("--out", help="write <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+    try:
+        result = measure(args.run_dir, args.eval_split, args.eval_limit)
+    except (RunError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = markdown(result, "python -m experiments.laplace_layers " + " ".join(argv or sys.argv[1:]))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_file(out, ".json"), json.dumps(result, indent=2))
+        atomic_write_text(out_file(out, ".md"), text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
