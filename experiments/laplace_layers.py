@@ -13,21 +13,17 @@ mean logits. Scores the validation split by default: this is an analysis, judged
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from melora_pyro._atomic import atomic_write_text
 from melora_pyro.baselines import LaplaceMethod
 from melora_pyro.metrics import summarize
 from melora_pyro.pipeline import load_run
-from melora_pyro.runs import RunError, load_settings
+from melora_pyro.runs import load_settings
 
-from . import out_file
+from . import report_run_analysis
 
 
 def kind_masks(method: LaplaceMethod) -> dict[str, torch.Tensor]:
@@ -91,20 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-limit", type=int, help="score a seeded subset of N questions of the split only")
     parser.add_argument("--out", help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
-    try:
-        result = measure(args.run_dir, args.eval_split, args.eval_limit)
-    except (RunError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = markdown(result, "python -m experiments.laplace_layers " + " ".join(argv or sys.argv[1:]))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_file(out, ".json"), json.dumps(result, indent=2))
-        atomic_write_text(out_file(out, ".md"), text)
-    print(text)
-    return 0
-
+    return report_run_analysis("laplace_layers", argv, args.out,
+                               lambda: measure(args.run_dir, args.eval_split, args.eval_limit), markdown)
 
 if __name__ == "__main__":
     raise SystemExit(main())

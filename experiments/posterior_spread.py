@@ -27,21 +27,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
-from melora_pyro._atomic import atomic_write_text
 from melora_pyro.metrics import summarize
 from melora_pyro.pipeline import load_run
-from melora_pyro.runs import RunError, load_settings
+from melora_pyro.runs import load_settings
 from melora_pyro.train import evaluate
 
-from . import out_file, weight_reach
+from . import report_run_analysis, weight_reach
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -82,13 +78,14 @@ def widened(guide, factor: float):
 
 
 @torch.no_grad()
-def randomise_subspace(model, guide, seed: int = 0) -> None:
-    """In place: merge each layer's posterior-mean update into its W0, draw A with orthonormal rows and B with
+def randomise_subspace(method, seed: int = 0) -> None:
+    """In place, on a trained Me-LoRA ``method``: merge each layer's posterior-mean update into its W0, draw A with orthonormal rows and B with
     orthonormal columns, set M = 0 and Omega to ``spread / (s r)``, the trained layer's weight-space spread
     (``weight_reach.reach``) spread evenly over the r x r entries (see the module). Me-LoRA only."""
+    model, guide = method.model, getattr(method, "guide", None)
     if not hasattr(guide, "log_scale"):
         raise ValueError(f"--random-subspace needs a mean-field guide on C, got {type(guide).__name__}")
-    spreads = torch.tensor([row["spread"] for row in weight_reach.reach(model, guide)])
+    spreads = torch.tensor([row["spread"] for row in weight_reach.reach(method)])
     generator = torch.Generator().manual_seed(seed)
     A, B = model.fix_gauge(list(model.lora_A), list(model.lora_B))
     for name, a, b, m in zip(model.layer_names, weight_reach._unbind(A), weight_reach._unbind(B), guide.loc):
@@ -117,7 +114,7 @@ def measure(run_dir, samples: int = 4, eval_limit: int | None = None, eval_split
                        eval_split=eval_split or settings.eval_split)
     method, task = load_run(settings, run_dir)
     if random_subspace:
-        randomise_subspace(method.model, method.guide, settings.train.seed)
+        randomise_subspace(method, settings.train.seed)
 
     def scored(num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         return evaluate(lambda batch: method.predict(batch, num_samples), task.eval, task.collate,
@@ -170,21 +167,9 @@ def main(argv=None) -> int:
                         help="the same weight-space spread in a random subspace (Me-LoRA; see the module)")
     parser.add_argument("--out", help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
-    try:
-        result = measure(args.run_dir, args.samples, args.eval_limit, args.eval_split, args.widths,
-                         random_subspace=args.random_subspace)
-    except (RunError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = markdown(result, "python -m experiments.posterior_spread " + " ".join(argv or sys.argv[1:]))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_file(out, ".json"), json.dumps(result, indent=2))
-        atomic_write_text(out_file(out, ".md"), text)
-    print(text)
-    return 0
-
+    return report_run_analysis("posterior_spread", argv, args.out, lambda: measure(
+        args.run_dir, args.samples, args.eval_limit, args.eval_split, args.widths,
+        random_subspace=args.random_subspace), markdown)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -23,18 +23,14 @@ All in the units of W0's entries; ``|W0|_F`` is printed alongside for scale.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
 import torch
 
-from melora_pyro._atomic import atomic_write_text
 from melora_pyro.baselines import LaplaceMethod
 from melora_pyro.pipeline import load_run
-from melora_pyro.runs import RunError, load_settings
+from melora_pyro.runs import load_settings
 
-from . import out_file
+from . import report_run_analysis
 
 
 def _unbind(stacks) -> list[torch.Tensor]:
@@ -109,9 +105,16 @@ def _laplace(model, method: LaplaceMethod):
     return means, [s * (f + g).sqrt() for f, g in zip(first, second)], [s * f.sqrt() for f in first], shares
 
 
-def markdown(run_dir: str, method: str, rows: list[dict], command: str) -> str:
-    lines = [f"# Weight reach: {run_dir}", "", f"Command: `{command}`", "",
-             f"{method}: per adapted layer, the posterior-mean update ‖E dW‖ (Frobenius), the draws' spread "
+def measure(run_dir) -> dict:
+    """``{"run_dir", "method", "layers": reach(...)}`` of a finished run (nothing is scored)."""
+    settings = load_settings(run_dir)
+    return {"run_dir": str(run_dir), "method": settings.method, "layers": reach(load_run(settings, run_dir)[0])}
+
+
+def markdown(result: dict, command: str) -> str:
+    rows = result["layers"]
+    lines = [f"# Weight reach: {result['run_dir']}", "", f"Command: `{command}`", "",
+             f"{result['method']}: per adapted layer, the posterior-mean update ‖E dW‖ (Frobenius), the draws' spread "
              "sqrt(E ‖dW - E dW‖²), its part linear in the latent (what a linearised predictive sees; "
              "closed form, experiments/weight_reach.py) and the frozen ‖W0‖.", "",
              "| layer | ‖E dW‖ | spread | linear part | spread / ‖E dW‖ | ‖W0‖ |", "|---|---|---|---|---|---|"]
@@ -129,24 +132,7 @@ def main(argv=None) -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--out", help="write <out>.md and <out>.json")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.run_dir)
-        method, _ = load_run(settings, args.run_dir)
-        rows = reach(method)
-    except (RunError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    text = markdown(args.run_dir, settings.method, rows,
-                    "python -m experiments.weight_reach " + " ".join(argv or sys.argv[1:]))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_file(out, ".json"), json.dumps({"run_dir": args.run_dir, "method": settings.method,
-                                                                "layers": rows}, indent=2))
-        atomic_write_text(out_file(out, ".md"), text)
-    print(text)
-    return 0
-
+    return report_run_analysis("weight_reach", argv, args.out, lambda: measure(args.run_dir), markdown)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -49,9 +49,9 @@ def test_a_random_subspace_keeps_the_posterior_mean_model_and_the_weight_space_s
     run_dir = tmp_path / "run"
     assert main(["train", *QUICK, "--method", "melora", "--eval-samples", "0", "--run-dir", str(run_dir)]) == 0
     method = posterior_spread.load_run(posterior_spread.load_settings(run_dir), run_dir)[0]
-    trained = posterior_spread.weight_reach.reach(method.model, method.guide)
-    posterior_spread.randomise_subspace(method.model, method.guide, seed=0)
-    swapped = posterior_spread.weight_reach.reach(method.model, method.guide)
+    trained = posterior_spread.weight_reach.reach(method)
+    posterior_spread.randomise_subspace(method, seed=0)
+    swapped = posterior_spread.weight_reach.reach(method)
     for before, after in zip(trained, swapped):
         assert after["spread"] == pytest.approx(before["spread"], rel=1e-4) and after["mean"] == 0
     for a in method.model.lora_A[0]:  # orthonormal rows: a subspace training did not choose
