@@ -6,9 +6,12 @@
 LAP's predictive draws label logits from ``N(f(theta*), J Sigma J^T)``, ``Sigma`` its diagonal posterior
 over the A and B of every adapted layer. Keeping ``Sigma`` on the layers of one kind (``lm_head``,
 ``q_proj``, ...) and zeroing it elsewhere shows which layers' uncertainty does the calibrating; the
-covariances are additive over the kinds, so the rows are a decomposition of the full one. All variants
-share one Jacobian per example (``LaplaceMethod.glm_covariances``), and ``map`` is the softmax of the
-mean logits. Scores the validation split by default: this is an analysis, judged away from test.
+covariances are additive over the kinds, so the rows are a decomposition of the full one. A second
+decomposition splits the parameters by what set their variance: ``at prior`` keeps it on the entries the data
+leave at the prior (curvature below 1% of the prior precision, ``LaplaceMethod.prior_held``: their variance is
+``1 / lambda``, chosen by the marginal likelihood, not by the data), ``data-constrained`` on the rest. All
+variants share one Jacobian per example (``LaplaceMethod.glm_covariances``), and ``map`` is the softmax of
+the mean logits. Scores the validation split by default: this is an analysis, judged away from test.
 """
 from __future__ import annotations
 
@@ -41,8 +44,9 @@ def kind_masks(method: LaplaceMethod) -> dict[str, torch.Tensor]:
 
 def measure(run_dir, eval_split: str | None = "validation", eval_limit: int | None = None,
             progress: bool = True) -> dict:
-    """Metrics of ``map``, the full GLM predictive (``all``) and the predictive restricted to each layer kind
-    on ``eval_split`` of a finished ``laplace`` run (its curvature is refitted from the training set)."""
+    """Metrics of ``map``, the full GLM predictive (``all``), the predictive restricted to each layer kind and
+    to the prior-held / data-constrained entries, on ``eval_split`` of a finished ``laplace`` run (its
+    curvature is refitted from the training set). ``shares``: each restriction's fraction of the entries."""
     settings = load_settings(run_dir)
     if settings.method != "laplace":
         raise ValueError(f"laplace_layers needs a laplace run, got method {settings.method!r}")
@@ -50,8 +54,10 @@ def measure(run_dir, eval_split: str | None = "validation", eval_limit: int | No
                        eval_split=eval_split or settings.eval_split)
     method, task = load_run(settings, run_dir)
     variance = torch.cat([std.square().flatten() for std in method.posterior_std()])
-    masks = kind_masks(method)
-    variants = {"all": variance, **{f"{kind} only": variance * mask for kind, mask in masks.items()}}
+    masks = {f"{kind} only": mask for kind, mask in kind_masks(method).items()}
+    held = torch.cat([mask.flatten() for mask in method.prior_held()])
+    masks.update({"at prior": held, "data-constrained": ~held})
+    variants = {"all": variance, **{name: variance * mask for name, mask in masks.items()}}
     probs = {name: [] for name in ["map", *variants]}
     labels = []
     batches = range(0, len(task.eval), settings.eval_batch_size)
@@ -65,6 +71,7 @@ def measure(run_dir, eval_split: str | None = "validation", eval_limit: int | No
     labels = torch.cat(labels)
     return {"run_dir": str(run_dir), "dataset": settings.scored_dataset, "split": settings.eval_split,
             "n": len(labels), "prior_precision": method.prior_precision,
+            "shares": {name: float(mask.float().mean()) for name, mask in masks.items()},
             "variants": {name: summarize(torch.cat(p), labels) for name, p in probs.items()}}
 
 
@@ -73,10 +80,13 @@ def markdown(result: dict, command: str) -> str:
              f"Command: `{command}`", "",
              f"{result['dataset']} {result['split']} (n = {result['n']}); prior precision "
              f"{result['prior_precision']:.3g}. `map`: the mean logits; `all`: LAP's predictive; `<kind> only`: its "
-             "posterior variance kept on those layers' A and B, zero elsewhere (experiments/laplace_layers.py).", "",
-             "| predictive | ACC | ECE | NLL | Brier |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {m['acc']:.4f} | {m['ece']:.4f} | {m['nll']:.4f} | {m['brier']:.4f} |"
-              for name, m in result["variants"].items()]
+             "posterior variance kept on those layers' A and B, zero elsewhere; `at prior`: kept on the entries whose "
+             "curvature is below 1% of the prior precision, `data-constrained`: on the rest "
+             "(experiments/laplace_layers.py). `entries`: the share of LAP's parameters whose variance is kept.", "",
+             "| predictive | entries | ACC | ECE | NLL | Brier |", "|---|---|---|---|---|---|"]
+    shares = {"all": 1.0, **result.get("shares", {})}
+    lines += [f"| {name} | {f'{shares[name]:.1%}' if name in shares else ''} | {m['acc']:.4f} | {m['ece']:.4f} | "
+              f"{m['nll']:.4f} | {m['brier']:.4f} |" for name, m in result["variants"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -94,7 +94,7 @@ def _laplace(model, method: LaplaceMethod):
     stds = method.posterior_std()
     A, B = _unbind(model.lora_A), _unbind(model.lora_B)
     a_var, b_var = (_unbind([x.square() for x in stds[:groups]]), _unbind([x.square() for x in stds[groups:]]))
-    free = [f < 0.01 * method.prior_precision for f in method.fisher]  # parameters the data leave at the prior
+    free = method.prior_held()
     a_free, b_free = _unbind(free[:groups]), _unbind(free[groups:])
     means = [s * b @ a for a, b in zip(A, B)]
     a_terms = [av * b.square().sum(0)[:, None] for b, av in zip(B, a_var)]  # (r, n): dA's share of linear^2

@@ -1,6 +1,7 @@
 """experiments.laplace_layers: LAP's GLM predictive restricted to one kind of layer, on a real fitted run."""
 import json
 
+import pytest
 import torch
 
 from experiments import laplace_layers
@@ -31,11 +32,17 @@ def test_kinds_decompose_the_glm_covariance_and_the_report_is_written(tmp_path, 
     reference_mean, reference = fitted.glm_logits(batch)
     assert torch.equal(mean, reference_mean) and torch.allclose(full, reference)
     assert torch.allclose(sum(parts), full, atol=1e-6) and all(p.abs().sum() > 0 for p in parts)
+    # The prior-held entries are those whose posterior variance is the prior's within 1%.
+    held = torch.cat([m.flatten() for m in fitted.prior_held()])
+    assert 0 < int(held.sum()) < held.numel()
+    assert torch.allclose(variance[held] * fitted.prior_precision, torch.ones(()), rtol=0.011)
+    assert variance[~held].max() * fitted.prior_precision < 0.991
 
     out = tmp_path / "layers-s0.1"
     assert laplace_layers.main(["--run-dir", str(run_dir), "--eval-split", "test", "--out", str(out)]) == 0
     result = json.loads((tmp_path / "layers-s0.1.json").read_text())
-    assert list(result["variants"]) == ["map", "all", "q_proj only", "v_proj only"]
+    assert list(result["variants"]) == ["map", "all", "q_proj only", "v_proj only", "at prior", "data-constrained"]
+    assert result["shares"]["at prior"] + result["shares"]["data-constrained"] == pytest.approx(1.0)
     assert result["n"] == 8 and result["prior_precision"] == 3.0
 
 

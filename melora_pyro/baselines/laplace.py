@@ -161,6 +161,13 @@ class LaplaceMethod:
             raise RuntimeError("no prior precision yet: call fit or fit_posterior first")
         return [(f + lam).rsqrt() for f in self._require_fisher()]
 
+    def prior_held(self, fraction: float = 0.01) -> list[torch.Tensor]:
+        """Bool masks shaped like ``params``: the entries whose curvature is below ``fraction`` of the prior
+        precision, which the data leave at the prior (their std is ``1 / sqrt(lambda)`` within ``fraction / 2``)."""
+        if self.prior_precision is None:
+            raise RuntimeError("no prior precision yet: call fit or fit_posterior first")
+        return [f < fraction * self.prior_precision for f in self._require_fisher()]
+
     @torch.no_grad()
     def predict_samples(self, batch: Batch, num_samples: int, prior_precision: float | None = None) -> torch.Tensor:
         """Label probabilities of ``num_samples`` posterior draws of (A, B), ``(num_samples, batch, K)``."""
