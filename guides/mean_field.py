@@ -43,3 +43,7 @@ class MeanFieldGuide(nn.Module):
     def posterior_mean(self) -> dict[str, torch.Tensor]:
         """``{"C": M}``, the posterior mean ``(L, r, r)``."""
         return {"C": self.loc}
+
+    def posterior_std(self) -> dict[str, torch.Tensor]:
+        """``{"C": Omega}``, the posterior std ``(L, r, r)`` (the GLM predictive's variance)."""
+        return {"C": self.scale}

@@ -38,6 +38,7 @@ DEMO_METHODS = ("zero-shot", "map", "map-ts", "melora")
 DEMO_PAIRS = (("melora", "map"), ("melora", "map-ts"), ("map", "zero-shot"))
 _EVALUATE_FIELDS = ("data_dir", "eval_split", "eval_dataset", "eval_limit", "eval_samples", "eval_batch_size",
                     "device", "trust_remote_code")
+_EVALUATE_OPTIONS = ("predictive", "posterior_scale", "glm_samples")  # how a trained posterior predicts
 _PATH_FIELDS = ("model", "data_dir")  # stored absolute: a run directory is read from anywhere
 _PEFT_SHAPE = ("adapter.rank", "adapter.alpha", "adapter.target_modules", "adapter.dropout")
 
@@ -129,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(RunSettings):
         if f.name in _EVALUATE_FIELDS:
             _add_field_flag(evaluate, RunSettings, f)
+    for f in dataclasses.fields(MethodOptions):
+        if f.name in _EVALUATE_OPTIONS:
+            _add_field_flag(evaluate, MethodOptions, f, dest=f"options.{f.name}")
     evaluate.add_argument("--temperature-scale", action="store_true",
                           help="first fit one temperature by NLL on the dataset's validation split (never the "
                                "evaluated split) and score with it: temperature scaling on top of any method")
@@ -296,7 +300,11 @@ def _trained(args, check=None, **overrides):
 
     fields = {f.name for f in dataclasses.fields(RunSettings)}
     given = {k: v for k, v in vars(args).items() if k in fields}
-    settings = dataclasses.replace(load_settings(args.run_dir), **{**given, **overrides})
+    saved = load_settings(args.run_dir)
+    options = {k.partition(".")[2]: v for k, v in vars(args).items() if k.startswith("options.")}
+    if options:  # evaluate's prediction-time options (_EVALUATE_OPTIONS) over the run's own
+        given["options"] = dataclasses.replace(saved.options, **options)
+    settings = dataclasses.replace(saved, **{**given, **overrides})
     if check is not None:
         check(settings)
     method, task = load_run(settings, args.run_dir)

@@ -164,8 +164,14 @@ class MethodOptions:
             (default: all).
         val_samples: ``laplace``: weight-space draws per candidate of the validation search (default 4).
         predictive: ``laplace``: ``"glm"`` (default, linearised) or ``"weights"`` (weight-space Monte Carlo,
-            ``eval_samples`` draws).
-        glm_samples: ``laplace``: logit draws per example of the GLM predictive (default 100,000).
+            ``eval_samples`` draws); ``melora`` / ``melora-elementwise`` / ``melora-noise``: ``"weights"``
+            (default: ``eval_samples`` draws of C) or ``"glm"`` (q(C) linearised,
+            ``baselines.GLMPredictiveMethod``).
+        glm_samples: ``laplace`` and the Me-LoRA variants: logit draws per example of the GLM predictive
+            (default 100,000).
+        posterior_scale: the Me-LoRA variants with ``predictive="glm"``: q(C)'s std multiplied by this
+            positive number at prediction (default 1: the trained posterior), or ``"validation"`` (chosen
+            by NLL on the validation split, as ``map-ts`` takes it).
         flipout: ``melora`` / ``melora-elementwise`` / ``melora-noise``: C applied by Flipout, signs per
             example and token, in training and prediction (default false: one C per draw for the batch).
         kl_weight: ``melora`` / ``melora-elementwise`` / ``melora-noise`` / ``melora-diag``: the loss is
@@ -187,6 +193,7 @@ class MethodOptions:
     val_samples: int | None = None
     predictive: str | None = None
     glm_samples: int | None = None
+    posterior_scale: str | float | None = None
     flipout: bool | None = None
     kl_weight: float | None = None
     antithetic: bool | None = None
@@ -208,6 +215,9 @@ class MethodOptions:
             "val_samples": (_is_int(self.val_samples) and self.val_samples >= 1, "a positive integer"),
             "predictive": (self.predictive in PREDICTIVES, f"one of {PREDICTIVES}"),
             "glm_samples": (_is_int(self.glm_samples) and self.glm_samples >= 1, "a positive integer"),
+            "posterior_scale": (self.posterior_scale == "validation"
+                                or _is_number(self.posterior_scale) and self.posterior_scale > 0,
+                                "'validation' or a positive number"),
             "flipout": (isinstance(self.flipout, bool), "true or false"),
             "kl_weight": (_is_number(self.kl_weight) and self.kl_weight > 0, "a positive number"),
             "antithetic": (isinstance(self.antithetic, bool), "true or false"),

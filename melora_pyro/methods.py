@@ -50,7 +50,7 @@ from torch import nn
 from guides import IdentityGuide, MeanFieldGuide
 
 from .baselines import (BLoBELBO, BLoBGuide, BLoBModel, BLoBNLLELBO, BLoBUpdate, DiagonalGuide,
-                        DiagonalMeLoRAModel, EnsembleMethod, LaplaceMethod, PointMethod, PyroMethod, TemperatureScaledMethod,
+                        DiagonalMeLoRAModel, EnsembleMethod, GLMPredictiveMethod, LaplaceMethod, PointMethod, PyroMethod, TemperatureScaledMethod,
                         ZeroShotMethod)
 from .config import MeLoRAConfig
 from .elbo import FullWeightELBO, KLScheduleELBO, constant_kl_weight
@@ -122,6 +122,10 @@ def build_method(name: str, base_model: BaseSource, config: MeLoRAConfig, readou
         flipout: for ``melora`` / ``melora-elementwise`` / ``melora-noise``: C applied by Flipout
             (``melora_pyro.flipout``: the mean path plus ``B (((A x o r) E^T) o s')``, ``E = Omega o eps``,
             signs per example and token) in training and prediction (default False: one C per draw).
+        predictive, posterior_scale, glm_samples, val_examples: for ``melora`` / ``melora-elementwise`` /
+            ``melora-noise``: ``predictive="glm"`` predicts with q(C) linearised, its std times
+            ``posterior_scale`` (a float, default 1, or ``"validation"``: chosen by NLL on ``val_examples``)
+            (``baselines.GLMPredictiveMethod``); default ``"weights"``, Monte Carlo draws of C.
         antithetic: for the Me-LoRA variants, each training draw of C followed by its mirror ``2 M - C``
             (``FullWeightELBO(antithetic=True)``: twice the training compute, a lower-variance gradient
             of the guide's scale; default ``DEFAULT_ANTITHETIC``, and False with Flipout).
@@ -152,6 +156,9 @@ def check_options(name: str, options) -> None:
     unknown = sorted(set(options) - set(allowed) - {"seed"})
     if unknown:
         raise ValueError(f"method {name!r}: unknown options {unknown}; it takes {sorted(allowed) + ['seed']}")
+    glm_only = sorted({"posterior_scale", "glm_samples"} & set(options))
+    if name.startswith("melora") and glm_only and options.get("predictive") != "glm":
+        raise ValueError(f"method {name!r}: options {glm_only} need predictive='glm'")
 
 
 def method_settings(name: str, config: MeLoRAConfig, train_config, given: set[str] | None = None):
@@ -307,8 +314,16 @@ def _variational(model_class, guide_class, name, **pinned):
             elbo = (FullWeightELBO(flipout=flip, antithetic=pairs) if weight == 1.0
                     else KLScheduleELBO(constant_kl_weight(weight), flipout=flip, antithetic=pairs))
             return PyroMethod(model, guide, elbo=elbo, flipout=flip, name=name)
-        return _seeded(options.get("seed", 0), build)
+        return _with_predictive(_seeded(options.get("seed", 0), build), options)
     return builder
+
+
+def _with_predictive(method: PyroMethod, options: dict):
+    """``method``, or its GLM predictive (``baselines.GLMPredictiveMethod``) for ``predictive="glm"``."""
+    if options.get("predictive", "weights") == "weights":
+        return method
+    return GLMPredictiveMethod(method, **{k: options[k] for k in ("posterior_scale", "glm_samples", "val_examples")
+                                          if k in options})
 
 
 def _noise(config, options) -> float:
@@ -320,7 +335,8 @@ def _zero_shot(base_model, config, readout, options):
 
 
 _GUIDE_OPTIONS = ("init_scale", "kl_weight", "antithetic")
-_MELORA_OPTIONS = _GUIDE_OPTIONS + ("flipout",)  # Flipout on C needs MeLoRAModel's one Normal site "C"
+# Flipout and the GLM predictive need MeLoRAModel's one Normal site "C" (MeanFieldGuide)
+_MELORA_OPTIONS = _GUIDE_OPTIONS + ("flipout", "predictive", "posterior_scale", "glm_samples", "val_examples")
 _LAPLACE_OPTIONS = ("weight_decay", "prior_precision", "fisher", "max_fisher_examples", "val_examples", "val_samples",
                     "predictive", "glm_samples")
 _BUILDERS = {

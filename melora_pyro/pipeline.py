@@ -254,11 +254,12 @@ def _prefix_cached(settings: RunSettings, base, examples: list, task: Task, prog
 def validation_options(settings: RunSettings, task: Task) -> dict:
     """``{"val_examples", "validation"}`` for a method that fits on validation data
     (``methods.VALIDATION_METHODS``; ``{"val_examples"}`` for ``laplace`` with
-    ``prior_precision="validation"``): the dataset's validation split, else a seeded hold-out of
+    ``prior_precision="validation"`` and a Me-LoRA GLM predictive with ``posterior_scale="validation"``): the dataset's validation split, else a seeded hold-out of
     ``task.train``, which is then removed from it (``data.train_and_validation``). ``{}`` otherwise."""
     from .methods import VALIDATION_METHODS
 
-    laplace_search = settings.method == "laplace" and settings.options.prior_precision == "validation"
+    laplace_search = (settings.method == "laplace" and settings.options.prior_precision == "validation"
+                      or settings.options.posterior_scale == "validation")  # or the Me-LoRA GLM predictive's scale
     if settings.method not in VALIDATION_METHODS and not laplace_search:
         return {}
     task.train, val, where = data.train_and_validation(settings.dataset, task.train, settings.data_dir,
@@ -354,6 +355,8 @@ def score(settings: RunSettings, method, task: Task, progress: bool = True,
         metrics.update(temperature=method.temperature, validation=method.validation)
     if getattr(method, "prior_precision", None) is not None:  # laplace: the lambda its rule chose
         metrics["prior_precision"] = method.prior_precision
+    if getattr(method, "posterior_scale", None) is not None:  # Me-LoRA's GLM predictive: its scale
+        metrics.update(predictive="glm", posterior_scale=method.posterior_scale)
     return metrics, (probs, labels)
 
 

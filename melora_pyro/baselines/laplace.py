@@ -38,13 +38,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import FISHERS, PREDICTIVES
+from ..glm import GLM_SAMPLES, gaussian_softmax_mean, label_jacobian, logit_covariance
 from ..metrics import nll as nll_metric
 from ..train import TrainConfig, evaluate
 from .method import Batch, PointMethod
 
 DEFAULT_GRID = tuple(10.0 ** (k / 4) for k in range(-24, 25))  # 1e-6 .. 1e6, 4 per decade
-GLM_SAMPLES = 100_000  # logit draws per example, as run_gpt_laplace.py
-GLM_JITTER = 1e-6      # added to the logit covariance's diagonal before its Cholesky factor, as the reference
 
 
 class LaplaceMethod:
@@ -197,23 +196,8 @@ class LaplaceMethod:
         """The mean ``(1, K)`` and a ``(1, K, K)`` covariance per variance of a one-example batch. One
         example per forward: each backward pass then costs one example, not the batch's (16x less work at
         batch 16)."""
-        params = self.params
-        with torch.enable_grad():
-            logits = self.map.mean_logits(example)
-            row = logits[0]
-            offered = row.isfinite().nonzero().flatten().tolist()
-            jacobian = logits.new_zeros(len(offered), variances[0].numel())
-            for n, k in enumerate(offered):
-                grads = torch.autograd.grad(row[k], params, retain_graph=n + 1 < len(offered), allow_unused=True)
-                jacobian[n] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                                         for g, p in zip(grads, params)])
-        index = torch.tensor(offered)
-        covariances = []
-        for variance in variances:
-            covariance = logits.new_zeros(1, row.numel(), row.numel())
-            covariance[0, index[:, None], index] = (jacobian * variance) @ jacobian.T
-            covariances.append(covariance)
-        return logits.detach(), covariances
+        logits, jacobian, offered = label_jacobian(lambda: self.map.mean_logits(example), self.params)
+        return logits, [logit_covariance(jacobian, offered, v, logits.shape[-1]) for v in variances]
 
     @torch.no_grad()
     def glm_predict(self, batch: Batch, prior_precision: float | None = None,
@@ -223,11 +207,8 @@ class LaplaceMethod:
 
     def glm_sample_mean(self, mean: torch.Tensor, covariance: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
         """Mean softmax of ``num_samples`` (default ``glm_samples``) draws of ``N(mean, covariance)`` logits
-        (``(batch, K)``, ``(batch, K, K)``), ``(batch, K)``."""
-        eye = torch.eye(mean.shape[-1], dtype=covariance.dtype, device=covariance.device)
-        factor = torch.linalg.cholesky(covariance + GLM_JITTER * eye)
-        z = torch.randn(num_samples or self.glm_samples, *mean.shape, 1, dtype=mean.dtype, device=mean.device)
-        return (mean + (factor @ z).squeeze(-1)).softmax(-1).mean(0)
+        (``(batch, K)``, ``(batch, K, K)``), ``(batch, K)`` (``glm.gaussian_softmax_mean``)."""
+        return gaussian_softmax_mean(mean, covariance, num_samples or self.glm_samples)
 
     @torch.no_grad()
     def predict(self, batch: Batch, num_samples: int) -> torch.Tensor:
