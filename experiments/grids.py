@@ -68,6 +68,13 @@ def temperature_cell(trained: Cell, name: str) -> Cell:
     return Cell(name, trained.flags, run=trained.run_name, evaluate=("--temperature-scale",))
 
 
+def glm_cell(trained: Cell, name: str) -> Cell:
+    """The cell that scores ``trained``'s Me-LoRA run on the test split with q(C) linearised (the GLM
+    predictive), its width chosen by NLL on the validation split."""
+    return Cell(name, trained.flags, run=trained.run_name,
+                evaluate=("--eval-split", "test", "--predictive", "glm", "--posterior-scale", "validation"))
+
+
 def mean_std(values: list[float], digits: int = 4) -> str:
     """``mean ± std`` over seeds (std of the sample; just the value for one seed)."""
     if len(values) == 1:

@@ -8,7 +8,8 @@ OpenBookQA by default (``char`` cloze scoring, the dataset with signal whose zer
 calibrated; ``--dataset arc-e`` runs the same design on ARC-Easy), a 500-question subset of its train split
 (drawn with the run's seed, so each seed trains on its own subset, the same for every method), MAP and
 Me-LoRA (and the baselines BLoB and Laplace-LoRA, ``--methods``) trained for 1, 2, 4 and 8 epochs (``EPOCHS``, fixed before any run), each scored on the full test split; ``<method>-ts`` scores the same
-run again with one temperature fitted on the dev split. ``melora`` keeps the settings these cells first ran
+run again with one temperature fitted on the dev split, and ``melora-glm`` scores the ``melora`` run with
+q(C) linearised (``--predictive glm``), its width chosen by NLL on the dev split. ``melora`` keeps the settings these cells first ran
 with (one draw of C, KL weight 1); ``melora-kl0.1-pairs`` is Me-LoRA with the defaults the dev sweep chose
 later (KL weight 0.1, antithetic pairs) and ``melora-pairs`` changes only the draws (``grids.OPTION_VARIANTS``);
 ``blob`` and ``laplace`` run with the comparison's settings for them; ``--methods`` picks which trained methods run. Nothing is chosen from the test numbers. Every cell is one ``melora-pyro train`` run (``melora_pyro.grid``), resumable; finished cells are
@@ -31,21 +32,25 @@ from melora_pyro._atomic import atomic_write_text
 from melora_pyro.grid import Cell, GridError, archive_cells, cell_cost, is_done, read_cell, run_grid
 
 from . import out_file
-from .grids import BATCH_SIZE, NORMALIZATION, OPTION_VARIANTS, difference_table, method_table, temperature_cell, train_flags
+from .grids import (BATCH_SIZE, NORMALIZATION, OPTION_VARIANTS, difference_table, glm_cell, method_table, temperature_cell,
+                    train_flags)
 
 DATASETS, TRAIN_LIMIT = ("obqa", "arc-e"), 500
 EPOCHS = (1, 2, 4, 8)
 ALL_SEEDS = (0, 1, 2)
 TRAINED = ("map", "melora", "melora-kl0.1-pairs", "melora-pairs", "blob", "laplace")
-METHODS = tuple(m for trained in TRAINED for m in (trained, f"{trained}-ts"))
+GLM_METHODS = ("melora",)  # also scored with q(C) linearised, its width chosen on dev (cells <method>-glm)
+METHODS = tuple(m for trained in TRAINED for m in (trained, f"{trained}-ts", *[f"{trained}-glm"] * (trained in GLM_METHODS)))
 PAIRS = (("melora", "map"), ("melora", "map-ts"), ("melora-ts", "map-ts"),
+         ("melora-glm", "map"), ("melora-glm", "map-ts"), ("melora-glm", "melora-ts"), ("melora-glm", "laplace"),
          *((variant, reference) for variant in TRAINED[2:] for reference in ("map", "map-ts", "melora")),
          *((f"{variant}-ts", "map-ts") for variant in TRAINED[2:]))
 
 
 def cells(data_dir: str, seeds=(0,), methods=TRAINED, epoch_counts=EPOCHS, dataset: str = DATASETS[0]) -> list[Cell]:
     """Per seed and epoch count: the runs of ``methods`` (of ``TRAINED``), each followed by its
-    temperature-scaled scoring (cells ``<method>[-ts]-<epochs>ep-s<seed>``)."""
+    temperature-scaled scoring (cells ``<method>[-ts]-<epochs>ep-s<seed>``) and, for ``GLM_METHODS``, its
+    GLM-predictive scoring (``<method>-glm-<epochs>ep-s<seed>``)."""
     grid = []
     for seed in seeds:
         for epochs in epoch_counts:
@@ -54,6 +59,8 @@ def cells(data_dir: str, seeds=(0,), methods=TRAINED, epoch_counts=EPOCHS, datas
                 trained = Cell(f"{method}-{epochs}ep-s{seed}", train_flags(runs, dataset, data_dir, epochs, seed=seed,
                                                                          extra=extra, train_limit=TRAIN_LIMIT))
                 grid += [trained, temperature_cell(trained, f"{method}-ts-{epochs}ep-s{seed}")]
+                if method in GLM_METHODS:
+                    grid.append(glm_cell(trained, f"{method}-glm-{epochs}ep-s{seed}"))
     return grid
 
 
@@ -68,7 +75,7 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None, dataset: str =
             by_epochs[int(epochs[:-2])].setdefault(method, []).append((cell, probs, labels, metrics))
             cpu += (cell_cost(cell, root, archive) or {}).get("cpu_s", 0.0)
             seeds.add(int(seed[1:]))
-            trained.add(method.removesuffix("-ts"))
+            trained.add(method.removesuffix("-ts").removesuffix("-glm"))
     n_test = len(next(r for by_method in by_epochs.values() for rows in by_method.values() for r in rows)[2]) \
         if any(by_epochs.values()) else 0
     lines = [f"# Overfitting regime: {dataset}, {TRAIN_LIMIT} training questions, 1-8 epochs (CPU profile, "
@@ -116,7 +123,7 @@ def _plot(by_epochs: dict, path: Path) -> None:
             if points:
                 ax.errorbar([e for e, _ in points], [statistics.mean(v) for _, v in points],
                             yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], marker="o",
-                            capsize=3, label=method, linestyle="--" if method.endswith("-ts") else "-")
+                            capsize=3, label=method, linestyle="--" if method.endswith("-ts") else ":" if method.endswith("-glm") else "-")
         ax.set_xscale("log", base=2)
         ax.set_xticks(EPOCHS, [str(e) for e in EPOCHS])
         ax.set_xlabel("epochs")

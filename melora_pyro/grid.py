@@ -231,10 +231,11 @@ def _result_file(cell: Cell, root) -> Path:
         if not (_trained(run_dir) and _predictions_file(path).is_file()):
             raise GridError(f"{cell.name}: no results in {run_dir}")
         return path
-    wanted = {"dataset": _flag(cell.evaluate, "--eval-dataset") or _flag(cell.flags, "--dataset")}
-    scaled = "--temperature-scale" in cell.evaluate
+    wanted = {"dataset": _flag(cell.evaluate, "--eval-dataset") or _flag(cell.flags, "--dataset"),
+              "split": _flag(cell.evaluate, "--eval-split")}
+    scaled, glm = "--temperature-scale" in cell.evaluate, _flag(cell.evaluate, "--predictive") == "glm"
     found = [p for p in sorted(run_dir.glob("eval-*.json"), key=lambda p: p.stat().st_mtime_ns)
-             if _predictions_file(p).is_file() and _evaluates(json.loads(p.read_text()), wanted, scaled)]
+             if _predictions_file(p).is_file() and _evaluates(json.loads(p.read_text()), wanted, scaled, glm)]
     if not found:
         raise GridError(f"{cell.name}: no evaluation in {run_dir}")
     return found[-1]
@@ -245,10 +246,10 @@ def _flag(flags: tuple[str, ...], name: str) -> str | None:
     return flags[flags.index(name) + 1] if name in flags else None
 
 
-def _evaluates(metrics: dict, wanted: dict, scaled: bool) -> bool:
-    """Whether an ``evaluate`` result is temperature-scaled or not as asked and has the ``wanted``
-    values (a None one, or one the result does not record, matches anything)."""
-    return ("temperature" in metrics) == scaled and all(
+def _evaluates(metrics: dict, wanted: dict, scaled: bool, glm: bool = False) -> bool:
+    """Whether an ``evaluate`` result is temperature-scaled or not and from Me-LoRA's GLM predictive or not,
+    as asked, and has the ``wanted`` values (a None one, or one the result does not record, matches anything)."""
+    return ("temperature" in metrics) == scaled and (metrics.get("predictive") == "glm") == glm and all(
         value is None or metrics.get(key, value) == value for key, value in wanted.items())
 
 

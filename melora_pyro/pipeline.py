@@ -357,6 +357,8 @@ def score(settings: RunSettings, method, task: Task, progress: bool = True,
         metrics["prior_precision"] = method.prior_precision
     if getattr(method, "posterior_scale", None) is not None:  # Me-LoRA's GLM predictive: its scale
         metrics.update(predictive="glm", posterior_scale=method.posterior_scale)
+        if method.selection:  # chosen on validation: the NLL of every candidate scale
+            metrics["validation_nll_by_scale"] = {f"{s:g}": v for s, v in method.selection.items()}
     return metrics, (probs, labels)
 
 

@@ -296,6 +296,22 @@ def test_the_overfitting_grid_trains_each_epoch_count_and_seed_once_on_that_seed
                 scaled = grid[f"{method}-ts-{epochs}ep-s{seed}"]
                 assert scaled.run_name == f"{method}-{epochs}ep-s{seed}"
                 assert scaled.evaluate == ("--temperature-scale",)
+            glm = grid[f"melora-glm-{epochs}ep-s{seed}"]  # q(C) linearised: the melora run scored again on test
+            assert glm.run_name == f"melora-{epochs}ep-s{seed}" and "--posterior-scale" in glm.evaluate
+            assert glm.evaluate[glm.evaluate.index("--eval-split") + 1] == "test"
+    assert "map-glm-8ep-s0" not in grid
+
+
+def test_a_glm_cell_reports_the_glm_evaluation_and_no_other():
+    from melora_pyro.grid import _evaluates
+
+    wanted = {"dataset": "arc-e", "split": "test"}
+    glm = {"dataset": "arc-e", "split": "test", "predictive": "glm", "posterior_scale": 4.0}
+    plain, scaled = {"dataset": "arc-e", "split": "test"}, {"dataset": "arc-e", "split": "test", "temperature": 1.2}
+    assert _evaluates(glm, wanted, scaled=False, glm=True)
+    assert not _evaluates(plain, wanted, scaled=False, glm=True) and not _evaluates(scaled, wanted, scaled=False, glm=True)
+    assert not _evaluates(glm, wanted, scaled=False) and _evaluates(plain, wanted, scaled=False)
+    assert not _evaluates({**glm, "split": "validation"}, wanted, scaled=False, glm=True)
 
 
 def test_the_ood_grid_scores_each_obqa_run_on_every_test_set_and_trains_nothing_else():
