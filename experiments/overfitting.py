@@ -88,7 +88,8 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None, dataset: str =
              "with each run's seed (every method of a seed trains on the same one), the profile of the "
              "comparison otherwise (top-2 layers + lm_head over the prefix cache, lr 3e-4, batch 8); the epoch "
              f"counts were fixed before any run. Test: the full split ({n_test} questions); temperatures (-ts) "
-             "fitted on the dev split. Mean ± std over the seeds.", ""]
+             "and the GLM predictive's posterior scale (-glm) fitted on the dev split. Mean ± std over the seeds.",
+             ""]
     doc = {}
     for epochs, by_method in by_epochs.items():
         if not by_method:
@@ -98,6 +99,7 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None, dataset: str =
         lines += [f"## {epochs} epoch{'s' * (epochs > 1)} ({math.ceil(TRAIN_LIMIT * epochs / BATCH_SIZE)} steps)", ""]
         lines += method_table(by_method, METHODS, doc[f"{epochs}ep"])
         lines += difference_table(by_method, PAIRS, labels, doc[f"{epochs}ep"])
+        lines += _scale_table(by_method)
     lines += [f"Plot: `{out.name}.png` (mean over seeds, bars: ± std). Total CPU time of the cells "
               f"(user + system): {cpu / 60:.1f} min.", "", "Each cell's command:", ""]
     lines += [f"- `{c.name}`: `{c.command(root)}`" for c in grid if is_done(c, root, archive)]
@@ -108,6 +110,23 @@ def report(grid: list[Cell], root: Path, out: Path, archive=None, dataset: str =
     if any(by_epochs.values()):
         _plot(by_epochs, out_file(out, ".png"))
     return text
+
+
+def _scale_table(by_method: dict) -> list[str]:
+    """Dev NLL of each candidate posterior scale of the ``-glm`` cells, one column per seed (the scale
+    each chose in bold); [] without such cells."""
+    runs = [(cell, metrics) for method, rows in sorted(by_method.items()) if method.endswith("-glm")
+            for cell, _, _, metrics in rows if "validation_nll_by_scale" in metrics]
+    if not runs:
+        return []
+    lines = ["GLM predictive (q(C) linearised, its std times the scale s): dev NLL by s, the chosen s in bold "
+             "(s = 1 is the trained posterior).", "",
+             "| s | " + " | ".join(cell.name for cell, _ in runs) + " |", "|---|" + "---|" * len(runs)]
+    for scale in runs[0][1]["validation_nll_by_scale"]:
+        cells = [(f"**{m['validation_nll_by_scale'][scale]:.4f}**" if float(scale) == float(f"{m['posterior_scale']:g}")
+                  else f"{m['validation_nll_by_scale'][scale]:.4f}") for _, m in runs]
+        lines.append(f"| {scale} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _plot(by_epochs: dict, path: Path) -> None:

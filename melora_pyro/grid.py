@@ -230,6 +230,9 @@ def _result_file(cell: Cell, root) -> Path:
         path = run_dir / "metrics.json"
         if not (_trained(run_dir) and _predictions_file(path).is_file()):
             raise GridError(f"{cell.name}: no results in {run_dir}")
+        wanted = {"dataset": _flag(cell.flags, "--dataset"), "split": _flag(cell.flags, "--eval-split")}
+        if not _records(json.loads(path.read_text()), wanted):  # trained by another command line
+            raise GridError(f"{cell.name}: {run_dir} scored another split or dataset than the cell's")
         return path
     wanted = {"dataset": _flag(cell.evaluate, "--eval-dataset") or _flag(cell.flags, "--dataset"),
               "split": _flag(cell.evaluate, "--eval-split")}
@@ -249,8 +252,12 @@ def _flag(flags: tuple[str, ...], name: str) -> str | None:
 def _evaluates(metrics: dict, wanted: dict, scaled: bool, glm: bool = False) -> bool:
     """Whether an ``evaluate`` result is temperature-scaled or not and from Me-LoRA's GLM predictive or not,
     as asked, and has the ``wanted`` values (a None one, or one the result does not record, matches anything)."""
-    return ("temperature" in metrics) == scaled and (metrics.get("predictive") == "glm") == glm and all(
-        value is None or metrics.get(key, value) == value for key, value in wanted.items())
+    return ("temperature" in metrics) == scaled and (metrics.get("predictive") == "glm") == glm and _records(metrics, wanted)
+
+
+def _records(metrics: dict, wanted: dict) -> bool:
+    """Whether ``metrics`` has the ``wanted`` values (a None one, or one it does not record, matches anything)."""
+    return all(value is None or metrics.get(key, value) == value for key, value in wanted.items())
 
 
 def read_cell(cell: Cell, root, archive=None):

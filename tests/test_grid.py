@@ -332,3 +332,22 @@ def test_the_ood_grid_scores_each_obqa_run_on_every_test_set_and_trains_nothing_
     flags = by_name["obqa/melora-ts-s1"].flags  # trains (once, for all its cells) the obqa melora run of seed 1
     assert flags[flags.index("--method") + 1] == "melora" and flags[flags.index("--dataset") + 1] == "obqa"
     assert flags[flags.index("--seed") + 1] == "1"
+
+
+def test_a_run_scored_on_another_split_is_not_the_train_cell_s_result(tmp_path):
+    """A run directory trained by another command line (evaluated on dev, the cell asks for test) is not
+    the cell's result: the archived one stands, and archiving never replaces it."""
+    from melora_pyro import rundir
+    from melora_pyro.pipeline import write_predictions
+
+    root, archive = tmp_path / "runs", tmp_path / "cells"
+    cell = Cell("melora-s0", ("--method", "melora", "--dataset", "arc-e", "--eval-split", "test"))
+    run = root / cell.name
+    run.mkdir(parents=True)
+    rundir.create_marker(run)
+    rundir.update_marker(run, finished=True)
+    write_predictions(run / "predictions.safetensors", torch.full((2, 4), 0.25), torch.tensor([0, 1]))
+    (run / "metrics.json").write_text(json.dumps({"dataset": "arc-e", "split": "validation", "n": 2}))
+    assert not is_done(cell, root) and archive_cells([cell], root, archive) == 0
+    (run / "metrics.json").write_text(json.dumps({"dataset": "arc-e", "split": "test", "n": 2}))
+    assert is_done(cell, root) and archive_cells([cell], root, archive) == 1
