@@ -24,8 +24,7 @@ from ..glm import GLM_SAMPLES, gaussian_softmax_mean, label_jacobian, logit_cova
 from ..metrics import nll as nll_metric
 from ..readouts import readout_inputs
 from ..train import TrainConfig
-from .laplace import _row
-from .method import Batch, PyroMethod
+from .method import Batch, PyroMethod, example_row
 
 SCALE_GRID = tuple(2.0 ** (k / 2) for k in range(0, 15))  # 1 .. 128, two per octave
 SEARCH_BATCH = 64  # validation examples per logit-sampling batch of the scale search
@@ -68,7 +67,7 @@ class GLMPredictiveMethod:
         """The label logits' mean ``f(M)`` ``(batch, K)`` and covariance ``J diag(Omega^2) J^T``
         ``(batch, K, K)`` at scale 1, one example per forward (``glm.label_jacobian``)."""
         variance = self.base.guide.posterior_std()["C"].detach().square().flatten()
-        rows = [self._example_moments(_row(batch, i), variance) for i in range(len(batch["labels"]))]
+        rows = [self._example_moments(example_row(batch, i), variance) for i in range(len(batch["labels"]))]
         return torch.cat([m for m, _ in rows]), torch.cat([c for _, c in rows])
 
     def _example_moments(self, example: Batch, variance: torch.Tensor):

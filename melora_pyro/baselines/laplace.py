@@ -41,7 +41,7 @@ from ..config import FISHERS, PREDICTIVES
 from ..glm import GLM_SAMPLES, gaussian_softmax_mean, label_jacobian, logit_covariance
 from ..metrics import nll as nll_metric
 from ..train import TrainConfig, evaluate
-from .method import Batch, PointMethod
+from .method import Batch, PointMethod, example_row
 
 DEFAULT_GRID = tuple(10.0 ** (k / 4) for k in range(-24, 25))  # 1e-6 .. 1e6, 4 per decade
 
@@ -189,7 +189,7 @@ class LaplaceMethod:
         """``glm_logits`` for several diagonal covariances of the flattened ``params`` (each ``(P,)``, for
         example the posterior restricted to some layers) from one Jacobian per example: the mean
         ``(batch, K)`` and one ``(batch, K, K)`` covariance per entry of ``variances``."""
-        rows = [self._example_glm_logits(_row(batch, i), variances) for i in range(len(batch["labels"]))]
+        rows = [self._example_glm_logits(example_row(batch, i), variances) for i in range(len(batch["labels"]))]
         return torch.cat([mean for mean, _ in rows]), [torch.cat(blocks) for blocks in zip(*(c for _, c in rows))]
 
     def _example_glm_logits(self, example: Batch, variances: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list]:
@@ -242,11 +242,6 @@ class LaplaceMethod:
         if self.fisher is None:
             raise RuntimeError("no curvature yet: call fit or fit_posterior first")
         return self.fisher
-
-
-def _row(batch: Batch, i: int) -> Batch:
-    """Example ``i`` of a batch as a batch of one (every tensor's leading dimension is the batch)."""
-    return {k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @contextmanager

@@ -115,6 +115,11 @@ class PointMethod(PyroMethod):
     deterministic = True
 
 
+def example_row(batch: Batch, i: int) -> Batch:
+    """Example ``i`` of a batch as a batch of one (every tensor's leading dimension is the batch)."""
+    return {k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def set_adapter_dropout(model: nn.Module, active: bool) -> None:
     """Put the dropout modules of every ``MeLoRALinear`` in train (``active``) or eval mode, and nothing else."""
     for module in model.modules():
